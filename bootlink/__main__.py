@@ -1,0 +1,3 @@
+from bootlink.cli import main
+
+raise SystemExit(main())

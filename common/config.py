@@ -1,0 +1,194 @@
+"""bootlink's YAML configuration, validated into typed dataclasses.
+
+The keys documented in DESIGN.md are a contract between releases: new keys may be added
+(with defaults), existing ones are never renamed. `config-example.yaml` documents every
+key. Validation is generic over the dataclass fields below, so adding a key is adding a
+field; errors name the file, the dotted key and what to write instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/bootlink/config.yaml")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    interfaces: list[str] = field(default_factory=list)  # [] = every NIC but lo
+    mtu: int = 1500
+    discovery_port: int = 7471  # UDP, IPv6 link-local multicast ff02::1
+    http_port: int = 7472  # TCP, sealed boot payload
+    nbd_port: int = 10809  # TCP, the IANA NBD port
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: str = "/boot/vmlinuz"
+    initrd: str = "/boot/initrd.img"
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    disk: str = ""
+    read_only: bool = False
+    export_name: str = "bootlink"
+    boot: BootFiles = field(default_factory=BootFiles)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout: float = 30.0
+    cmdline_append: str = ""
+    sources: list[str] = field(default_factory=lambda: ["link"])
+    download_dir: str = "/run/bootlink"  # tmpfs in the ramdisk; kernel+initrd land here
+    # Sources other than the laptop link (swarm:<ref>, ipfs:<cid>, https://...):
+    bee_api: str = "http://localhost:1633"  # Bee node API used for swarm: sources
+    ipfs_gateway: str = "http://localhost:8080"  # trustless gateway used for ipfs: sources
+    trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (files or hex)
+    allow_unsigned: list[str] = field(default_factory=list)  # source specs allowed unsigned
+    menu_timeout: float = 5.0  # seconds before the boot menu takes its default
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str = "/etc/bootlink/key"
+    link: LinkConfig = field(default_factory=LinkConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    source: str = "<defaults>"  # where this config came from, for error messages
+
+    @property
+    def key_path(self) -> Path:
+        return Path(self.key)
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found: copy config-example.yaml there and edit it"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML: fix the syntax there") from None
+    if data is None:
+        data = {}
+    cfg = dataclasses.replace(_build(Config, data, source, prefix=""), source=source)
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = dataclasses.replace(_build(Config, data, source, prefix=""), source=source)
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for embedding into a ramdisk or printing)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    return out
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping of keys, got {_kind(data)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for name in data:
+        if name not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{name}': valid keys here are "
+                f"{', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for name in known:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], source, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, source, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, source, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, e.g. [a, b]; got {_kind(value)}")
+        return [_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping; got {_kind(value)}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be a whole number; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: '{key}' must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{source}: '{key}' must be text; got {_kind(value)}")
+        return str(value)
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(
+        type(value), repr(value)
+    )
+
+
+def _validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    for name in ("discovery_port", "http_port", "nbd_port"):
+        port = getattr(cfg.link, name)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{cfg.source}: 'link.{name}' must be 1..65535; got {port}")
+    if not 1280 <= cfg.link.mtu <= 65535:
+        raise ConfigError(
+            f"{cfg.source}: 'link.mtu' must be 1280..65535 (IPv6 minimum 1280); got {cfg.link.mtu}"
+        )
+    if cfg.client.timeout <= 0:
+        raise ConfigError(f"{cfg.source}: 'client.timeout' must be > 0 seconds")
+    if not cfg.server.export_name or "/" in cfg.server.export_name:
+        raise ConfigError(f"{cfg.source}: 'server.export_name' must be a non-empty name without '/'")

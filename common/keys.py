@@ -1,0 +1,102 @@
+"""The shared key: generation, safe loading, and per-purpose sub-keys (HKDF-SHA256).
+
+One 32-byte secret is shared by laptop and desktop. It is never used directly: each
+purpose gets its own sub-key so that a message sealed for one purpose can never be
+accepted as another (a discovery answer is not a boot manifest, and so on).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import KeyFileError
+
+KEY_SIZE = 32
+
+
+class Purpose(enum.Enum):
+    DISCOVERY = b"bootlink/v1/discovery"
+    TRANSFER = b"bootlink/v1/transfer"
+    TRIGGER = b"bootlink/v1/trigger"
+    NBD = b"bootlink/v1/nbd"
+    KEY_ID = b"bootlink/v1/key-id"
+
+
+@dataclass(frozen=True)
+class SharedKey:
+    secret: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.secret) != KEY_SIZE:
+            raise KeyFileError(f"a bootlink key is {KEY_SIZE} bytes, got {len(self.secret)}")
+
+    def subkey(self, purpose: Purpose, context: bytes = b"") -> bytes:
+        """A 32-byte key for one purpose (and optionally one session, via `context`)."""
+        return HKDF(
+            algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=purpose.value + context
+        ).derive(self.secret)
+
+    def key_id(self) -> str:
+        """A short public fingerprint (safe to log) telling two keys apart."""
+        return self.subkey(Purpose.KEY_ID)[:6].hex()
+
+    def __repr__(self) -> str:  # never let the secret reach a log by accident
+        return f"SharedKey(id={self.key_id()})"
+
+
+def generate_key_file(path: Path, *, force: bool = False) -> SharedKey:
+    """Write 32 random bytes to `path`, mode 0600, refusing to overwrite unless `force`."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise KeyFileError(f"{path} already exists: keep it, or pass --force to replace it")
+    if not path.parent.is_dir():
+        raise KeyFileError(f"{path.parent} does not exist: create the directory first")
+    secret = os.urandom(KEY_SIZE)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # umask could have narrowed it; never widen, but be exact
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return SharedKey(secret)
+
+
+def load_key_file(path: Path) -> SharedKey:
+    """Load the shared key, refusing files that others could read or that are malformed."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"key file {path} not found: create one with 'bootlink keygen --key {path}'"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path} is readable by group/others (mode {st.st_mode & 0o777:o}): "
+                f"run 'chmod 600 {path}'"
+            )
+        data = os.read(fd, KEY_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(data) != KEY_SIZE:
+        raise KeyFileError(
+            f"key file {path} holds {len(data)} bytes, not {KEY_SIZE}: "
+            f"regenerate it with 'bootlink keygen --key {path} --force' on one side and copy it"
+        )
+    return SharedKey(data)

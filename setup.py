@@ -1,0 +1,37 @@
+"""Install bootlink's folders (server/, client/, common/, usb/, ramdisk/) under one namespace.
+
+The design card keeps the top-level layout flat; `package_dir` maps each folder onto
+`bootlink.<folder>` so that code imports `bootlink.common`, `bootlink.server`, ...
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = {
+    "bootlink": "bootlink",
+    "bootlink.common": "common",
+    "bootlink.server": "server",
+    "bootlink.client": "client",
+    "bootlink.client.sources": "client/sources",
+    "bootlink.usb": "usb",
+    "bootlink.ramdisk": "ramdisk",
+}
+
+setup(
+    name="bootlink",
+    version="0.1.0",
+    description="Boot your laptop's own disk on another PC over a network cable",
+    python_requires=">=3.11",
+    packages=list(SUBPACKAGES),
+    package_dir=SUBPACKAGES,
+    package_data={
+        "bootlink.ramdisk": ["files/*", "files/**/*"],
+        "bootlink.server": ["hooks/**/*"],
+        "bootlink": ["systemd/*"],
+    },
+    include_package_data=True,
+    # libnbd's bindings come from Debian's python3-libnbd (`import nbd`); the PyPI
+    # package called `nbd` is unrelated and must never be installed.
+    install_requires=["cryptography>=38", "PyYAML>=6", "pyroute2>=0.7", "psutil>=5.9"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "swarm": ["pycryptodome>=3.15"]},
+    entry_points={"console_scripts": ["bootlink = bootlink.cli:main"]},
+)
