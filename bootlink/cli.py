@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "bootlink.common.keys_cli",
     "bootlink.server.cli",
     "bootlink.client.cli",
+    "bootlink.client.sources.cli",
 ]
 
 

@@ -1,0 +1,170 @@
+"""Small HTTP client for the sources: persistent per-thread connections, bounded bodies.
+
+Swarm and IPFS fetches make thousands of small requests with many in flight; opening a
+TCP connection per request would dominate. Each worker thread keeps one keep-alive
+connection per base URL. Bodies are read with a hard cap so a hostile node cannot make
+us buffer more than one chunk/block. Errors become one-line BootlinkErrors naming the URL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass
+
+from bootlink.common.errors import BootlinkError
+
+USER_AGENT = "bootlink/0.1"
+
+
+class HttpError(BootlinkError):
+    """A request failed: no connection, an HTTP error status, or an oversized body."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BaseUrl:
+    scheme: str
+    host: str  # without brackets
+    port: int
+    path: str  # prefix without trailing slash
+
+    @classmethod
+    def parse(cls, url: str, what: str = "URL") -> BaseUrl:
+        u = urllib.parse.urlsplit(url.strip())
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise BootlinkError(f"{what} '{url}' must look like http://host:port")
+        try:
+            port = u.port or (443 if u.scheme == "https" else 80)
+        except ValueError:
+            raise BootlinkError(f"{what} '{url}' has an invalid port") from None
+        return cls(u.scheme, u.hostname, port, u.path.rstrip("/"))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+class HttpClient:
+    """Thread-safe: every thread gets its own keep-alive connection."""
+
+    def __init__(self, base: str | BaseUrl, timeout: float = 30.0, what: str = "URL") -> None:
+        self.base = base if isinstance(base, BaseUrl) else BaseUrl.parse(base, what)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self.base.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    self.base.host,
+                    self.base.port,
+                    timeout=self.timeout,
+                    context=ssl.create_default_context(),
+                    blocksize=1 << 16,
+                )
+            else:
+                conn = http.client.HTTPConnection(
+                    self.base.host, self.base.port, timeout=self.timeout, blocksize=1 << 16
+                )
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        headers: dict[str, str] | None = None,
+    ) -> http.client.HTTPResponse:
+        """Send a request; return the response with its body unread.
+
+        A keep-alive connection the server closed meanwhile is retried once on a fresh
+        one (only for requests without a streamed body, which can be resent).
+        """
+        hdrs = {"User-Agent": USER_AGENT, **(headers or {})}
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                conn.request(method, self.base.path + path, body=body, headers=hdrs)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt == 2 or (body is not None and not isinstance(body, bytes)):
+                    raise HttpError(
+                        f"{self.url(path)}: connection closed by the server; is it overloaded?"
+                    ) from None
+            except TimeoutError:
+                self.close()
+                raise HttpError(
+                    f"{self.url(path)}: no answer within {self.timeout:g} s; "
+                    "is the node up and reachable?"
+                ) from None
+            except OSError as exc:
+                self.close()
+                raise HttpError(
+                    f"cannot reach {self.base}: {exc.strerror or exc}; check the URL and network"
+                ) from None
+        raise AssertionError("unreachable")
+
+    def get_bounded(
+        self, path: str, limit: int, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """GET a body of at most `limit` bytes; (status, body). Oversize is an error."""
+        resp = self.request("GET", path, headers=headers)
+        try:
+            body = read_capped(resp, limit, self.url(path))
+        except BaseException:
+            self.close()
+            raise
+        if resp.will_close:
+            self.close()
+        return resp.status, body
+
+
+def read_capped(resp: http.client.HTTPResponse, limit: int, url: str) -> bytes:
+    length = resp.getheader("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HttpError(f"{url}: answer of {length} bytes exceeds the {limit}-byte limit")
+    try:
+        body = resp.read(limit + 1)
+        if len(body) > limit:
+            raise HttpError(f"{url}: answer exceeds the {limit}-byte limit")
+        if length is not None:
+            # Drain what the server announced so the connection can be reused.
+            resp.read()
+    except http.client.IncompleteRead as exc:
+        raise HttpError(f"{url}: connection closed after {len(exc.partial)} bytes") from None
+    except TimeoutError:
+        raise HttpError(f"{url}: stalled while sending the body") from None
+    return body
+
+
+def error_text(body: bytes) -> str:
+    """The 'message' of a JSON error body (Bee, kubo), else the start of the text."""
+    import json
+
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            msg = doc.get("message") or doc.get("Message")
+            if isinstance(msg, str):
+                return msg[:200]
+    except ValueError:
+        pass
+    return body[:200].decode("utf-8", "replace").strip().replace("\n", " ")

@@ -1,0 +1,276 @@
+"""Swarm source: fetch a file chunk by chunk from a Bee node and verify every chunk.
+
+The Bee node is not trusted. Each chunk is requested as `GET /chunks/{address}` (many in
+flight on keep-alive connections), and its address is recomputed from the span and
+payload received (BMT/keccak256, `common/swarm.py`). A chunk that does not hash to the
+address we asked for is refused, naming the chunk and the node. The tree's shape is
+checked too (each child's span is implied by its parent's), so a node cannot truncate
+or pad the file. Data chunks are written at their offsets as they arrive.
+
+Publishing (`upload_file`) uses `POST /bytes` with `Swarm-Redundancy-Level: 0` so the
+reference is the plain BMT root we computed offline, and checks that it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootlink.common import swarm
+from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.log import Progress
+
+from ._http import HttpClient, HttpError, error_text
+
+log = logging.getLogger("bootlink.sources.swarm")
+
+DEFAULT_WORKERS = 32
+
+
+class SwarmChunkError(ProtocolError):
+    """A Bee node sent a chunk that is not the one asked for (or none)."""
+
+
+@dataclass(frozen=True)
+class SwarmFetch:
+    reference: bytes
+    size: int
+    chunks: int
+    bee: str
+
+    @property
+    def verified_by(self) -> str:
+        return f"swarm BMT: all {self.chunks} chunks hash to their addresses"
+
+
+class BeeClient:
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.http = HttpClient(url, timeout, what="Bee API URL")
+        self.url = str(self.http.base)
+
+    def chunk(self, addr: bytes) -> tuple[int, bytes]:
+        """Fetch one chunk and prove it is the chunk at `addr`; (span, payload)."""
+        status, body = self.http.get_bounded(
+            f"/chunks/{addr.hex()}", swarm.SPAN_SIZE + swarm.CHUNK_SIZE
+        )
+        if status == 404:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} not found on {self.url}: the node cannot "
+                "retrieve it (not uploaded, or not synced yet); try later or another --bee"
+            )
+        if status != 200:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {self.url}: HTTP {status} "
+                f"{error_text(body)}; try another --bee"
+            )
+        try:
+            span, payload = swarm.unpack_chunk(body)
+        except ValueError as exc:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {self.url} is malformed ({exc}): "
+                "the node is lying or corrupt; try another --bee"
+            ) from None
+        if swarm.chunk_address(span, payload) != addr:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {self.url} does not hash to its address: "
+                "the node is lying or corrupt; try another --bee"
+            )
+        return span, payload
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def fetch(
+    reference: bytes,
+    bee_url: str,
+    output: Path,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    timeout: float = 30.0,
+    progress: bool = True,
+    max_size: int = 1 << 36,
+    label: str | None = None,
+) -> SwarmFetch:
+    """Download the file at `reference` into `output`, verifying every chunk.
+
+    `output` is written via a temporary name and renamed only when complete and verified.
+    """
+    bee = BeeClient(bee_url, timeout)
+    root_span, root_payload = bee.chunk(reference)
+    if root_span > max_size:
+        raise BootlinkError(
+            f"swarm:{reference.hex()} claims {root_span} bytes, over the {max_size}-byte "
+            "limit for a boot file; is this the right reference?"
+        )
+    tmp = output.with_name(output.name + ".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    prog = Progress(label or f"swarm {reference.hex()[:12]}", root_span) if progress else None
+    count = 1
+    try:
+        os.ftruncate(fd, root_span)
+        if root_span <= swarm.CHUNK_SIZE:
+            _write_leaf(fd, reference, 0, root_span, root_payload, bee.url)
+            if prog:
+                prog.advance(root_span)
+        else:
+            count = _fetch_tree(bee, fd, reference, root_span, root_payload, workers, prog)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, output)
+    if prog:
+        prog.finish()
+    return SwarmFetch(reference, root_span, count, bee.url)
+
+
+def _write_leaf(fd: int, addr: bytes, offset: int, span: int, payload: bytes, url: str) -> None:
+    if len(payload) != span:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} from {url} is a data chunk of span {span} with "
+            f"{len(payload)} bytes: the tree is malformed; the reference is not a plain file"
+        )
+    os.pwrite(fd, payload, offset)
+
+
+def _fetch_tree(
+    bee: BeeClient,
+    fd: int,
+    root: bytes,
+    span: int,
+    payload: bytes,
+    workers: int,
+    prog: Progress | None,
+) -> int:
+    """Breadth-first over the tree with up to `workers` chunk requests in flight."""
+    lock = threading.Lock()
+    count = 1
+
+    def children(addr: bytes, span: int, payload: bytes, base: int) -> list[tuple]:
+        try:
+            layout = list(swarm.children_layout(span, len(payload)))
+        except ValueError as exc:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {bee.url} is not a valid intermediate chunk "
+                f"({exc}); the reference is not a plain file"
+            ) from None
+        return [
+            (payload[i * 32 : i * 32 + 32], base + off, sub) for i, (off, sub) in enumerate(layout)
+        ]
+
+    def job(addr: bytes, offset: int, expected: int) -> list[tuple]:
+        got_span, got = bee.chunk(addr)
+        if got_span != expected:
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {bee.url} spans {got_span} bytes where its "
+                f"parent says {expected}: the tree is malformed"
+            )
+        if got_span <= swarm.CHUNK_SIZE:
+            _write_leaf(fd, addr, offset, got_span, got, bee.url)
+            if prog:
+                with lock:
+                    prog.advance(got_span)
+            return []
+        return children(addr, got_span, got, offset)
+
+    todo = children(root, span, payload, 0)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swarm") as pool:
+        pending: set[Future] = set()
+        try:
+            while todo or pending:
+                while todo and len(pending) < workers * 4:
+                    pending.add(pool.submit(job, *todo.pop()))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    todo.extend(fut.result())
+                    count += 1
+        finally:
+            for fut in pending:
+                fut.cancel()
+    return count
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def find_batch(bee_url: str, timeout: float = 30.0) -> str:
+    """The first usable postage batch of the node (GET /stamps)."""
+    import json
+
+    http = HttpClient(bee_url, timeout, what="Bee API URL")
+    status, body = http.get_bounded("/stamps", 1 << 20)
+    if status != 200:
+        raise BootlinkError(
+            f"{http.base}/stamps: HTTP {status} {error_text(body)}; pass --batch BATCH_ID"
+        )
+    try:
+        stamps = json.loads(body).get("stamps") or []
+    except (ValueError, AttributeError):
+        stamps = []
+    for s in stamps:
+        if isinstance(s, dict) and s.get("usable") and isinstance(s.get("batchID"), str):
+            return s["batchID"]
+    raise BootlinkError(
+        f"Bee node {http.base} has no usable postage batch: buy one "
+        "(POST /stamps/{amount}/{depth}) or pass --batch BATCH_ID"
+    )
+
+
+def upload_file(
+    path: Path,
+    bee_url: str,
+    batch: str,
+    *,
+    timeout: float = 120.0,
+    progress: bool = True,
+) -> bytes:
+    """POST /bytes and check Bee's reference against the one computed offline."""
+    import json
+
+    prog = Progress(f"reference {path.name}", path.stat().st_size) if progress else None
+    expected = swarm.reference_of_file(path, progress=prog)
+    http = HttpClient(bee_url, timeout, what="Bee API URL")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            resp = http.request(
+                "POST",
+                "/bytes",
+                body=f,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(size),
+                    "Swarm-Postage-Batch-Id": batch,
+                    # Bee >= 2.8.1 erasure-codes by default, which changes the reference.
+                    "Swarm-Redundancy-Level": "0",
+                    "Swarm-Pin": "true",
+                },
+            )
+        except HttpError as exc:
+            raise BootlinkError(f"upload of {path} to {http.base} failed: {exc}") from None
+        body = resp.read()
+    http.close()
+    if resp.status not in (200, 201):
+        raise BootlinkError(
+            f"Bee {http.base} refused {path.name}: HTTP {resp.status} {error_text(body)}"
+        )
+    try:
+        got = json.loads(body)["reference"]
+    except (ValueError, KeyError, TypeError):
+        raise BootlinkError(f"Bee {http.base} answered no reference for {path.name}") from None
+    if got.lower() != expected.hex():
+        raise BootlinkError(
+            f"Bee {http.base} returned reference {got} for {path.name}, but its content "
+            f"hashes to {expected.hex()}: the node altered it (encryption or erasure coding "
+            "on?); check the node's settings"
+        )
+    if prog:
+        prog.finish()
+    return expected

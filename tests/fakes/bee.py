@@ -1,0 +1,284 @@
+"""A local stand-in for a Bee node's HTTP API (port 1633), for tests and the benchmark.
+
+No real Bee can be installed here, so this speaks the parts of Bee's API bootlink uses,
+the way Bee does:
+- POST /bytes: raw bytes in, 201 {"reference": hex} out, Swarm-Tag header; needs the
+  Swarm-Postage-Batch-Id header; Swarm-Redundancy-Level must be absent or 0 (this node,
+  unlike Bee >= 2.8.1, cannot erasure-code, and says so);
+- GET /bytes/{ref}: the joined file; GET /chunks/{addr}: u64le span || payload
+  (Content-Type binary/octet-stream); POST /chunks; GET /stamps; GET /health;
+- errors as Bee's JSON {"code": N, "message": "..."}.
+Chunks are computed with bootlink.common.swarm, i.e. the BMT code under test; the
+vectors in test_swarm.py pin that code to bee's own.
+
+Faults for tests: `corrupt` (chunk addresses served with one payload byte flipped),
+`missing` (addresses answered 404), `lie_reference` (POST /bytes returns a wrong ref).
+
+Run standalone (e.g. inside a network namespace): python bee.py --listen ADDR --port N;
+it prints "READY <port>" once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from bootlink.common import swarm
+
+BATCH_ID = "f1" * 32  # the one postage batch this node owns
+
+
+class BeeState:
+    def __init__(self) -> None:
+        self.chunks: dict[bytes, tuple[int, bytes]] = {}
+        self.corrupt: set[bytes] = set()
+        self.missing: set[bytes] = set()
+        self.lie_reference = False
+        self.requests = 0
+        self.lock = threading.Lock()
+        self._tag = 0
+
+    def store_bytes(self, data: bytes) -> bytes:
+        def sink(addr: bytes, span: int, payload: bytes) -> None:
+            self.chunks[addr] = (span, payload)
+
+        return swarm.reference_of_bytes(data, sink)
+
+    def next_tag(self) -> int:
+        with self.lock:
+            self._tag += 1
+            return self._tag
+
+    def chunk(self, addr: bytes) -> tuple[int, bytes] | None:
+        if addr in self.missing or addr not in self.chunks:
+            return None
+        span, payload = self.chunks[addr]
+        if addr in self.corrupt and payload:
+            payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+        return span, payload
+
+    def iter_file(self, ref: bytes):
+        """Depth-first join of a stored file (what GET /bytes streams)."""
+        got = self.chunk(ref)
+        if got is None:
+            raise KeyError(ref)
+        span, payload = got
+        if span <= swarm.CHUNK_SIZE:
+            yield payload
+            return
+        for i in range(0, len(payload), swarm.REF_SIZE):
+            yield from self.iter_file(payload[i : i + swarm.REF_SIZE])
+
+
+class BeeHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "bee-fake"
+    state: BeeState  # set on the subclass by make_server
+
+    def log_message(self, format, *args):  # quiet: tests read stderr of the client only
+        pass
+
+    # ------------------------------------------------------------ helpers
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj, extra: dict | None = None) -> None:
+        body = json.dumps(obj).encode() + b"\n"
+        self._send(status, body, "application/json; charset=utf-8", extra)
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"code": status, "message": message})
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+    def _addr(self, text: str) -> bytes | None:
+        try:
+            addr = bytes.fromhex(text)
+        except ValueError:
+            return None
+        return addr if len(addr) == 32 else None
+
+    def _stamp_ok(self) -> bool:
+        batch = self.headers.get("Swarm-Postage-Batch-Id")
+        if not batch or len(batch) != 64:
+            self._json(
+                400,
+                {
+                    "code": 400,
+                    "message": "invalid header params",
+                    "reasons": [{"field": "swarm-postage-batch-id", "error": "want required:"}],
+                },
+            )
+            return False
+        if batch.lower() != BATCH_ID:
+            self._error(404, "batch with id not found")
+            return False
+        return True
+
+    # ------------------------------------------------------------ routes
+    def do_GET(self) -> None:
+        self.state.requests += 1
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
+            self._json(200, {"status": "ok", "version": "2.6.0-fake", "apiVersion": "7.3.0"})
+        elif path == "/stamps":
+            self._json(200, {"stamps": [_stamp()]})
+        elif path.startswith("/chunks/"):
+            addr = self._addr(path[len("/chunks/") :])
+            if addr is None:
+                self._error(400, "invalid path params")
+                return
+            got = self.state.chunk(addr)
+            if got is None:
+                self._error(404, "Not Found")
+                return
+            self._send(200, swarm.pack_chunk(*got), "binary/octet-stream")
+        elif path.startswith("/bytes/"):
+            addr = self._addr(path[len("/bytes/") :])
+            if addr is None:
+                self._error(400, "invalid path params")
+                return
+            got = self.state.chunk(addr)
+            if got is None:
+                self._error(404, "Not Found")
+                return
+            self._stream_file(addr, got[0])
+        else:
+            self._error(404, "Not Found")
+
+    do_HEAD = do_GET
+
+    def _stream_file(self, ref: bytes, span: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(span))
+        self.send_header("Decompressed-Content-Length", str(span))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        buf = bytearray()
+        try:
+            for part in self.state.iter_file(ref):
+                buf += part
+                if len(buf) >= 1 << 18:
+                    self.wfile.write(buf)
+                    buf.clear()
+            self.wfile.write(buf)
+        except KeyError:
+            self.close_connection = True  # a missing chunk mid-stream: cut it, as Bee does
+
+    def do_POST(self) -> None:
+        self.state.requests += 1
+        path = self.path.split("?", 1)[0]
+        if path not in ("/bytes", "/chunks"):
+            self._body()
+            self._error(404, "Not Found")
+            return
+        data = self._body()
+        if not self._stamp_ok():
+            return
+        level = self.headers.get("Swarm-Redundancy-Level")
+        if path == "/bytes" and level not in (None, "0"):
+            self._error(
+                400, f"redundancy level {level} not supported by this test node (set it to 0)"
+            )
+            return
+        if path == "/chunks":
+            try:
+                span, payload = swarm.unpack_chunk(data)
+            except ValueError:
+                self._error(400, "invalid chunk data")
+                return
+            ref = swarm.chunk_address(span, payload)
+            self.state.chunks[ref] = (span, payload)
+        else:
+            ref = self.state.store_bytes(data)
+        if self.state.lie_reference:
+            ref = bytes([ref[0] ^ 1]) + ref[1:]
+        tag = self.state.next_tag()
+        self._json(
+            201,
+            {"reference": ref.hex()},
+            {"Swarm-Tag": str(tag), "Access-Control-Expose-Headers": "Swarm-Tag"},
+        )
+
+
+def _stamp() -> dict:
+    return {
+        "batchID": BATCH_ID,
+        "utilization": 0,
+        "usable": True,
+        "label": "bootlink-test",
+        "depth": 20,
+        "amount": "100000000",
+        "bucketDepth": 16,
+        "blockNumber": 1,
+        "immutableFlag": False,
+        "exists": True,
+        "batchTTL": 86400,
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0, state: BeeState | None = None):
+    """A ready-to-serve fake Bee; call serve_forever() (e.g. in a thread)."""
+    handler = type("Handler", (BeeHandler,), {"state": state or BeeState()})
+    cls = _Server6 if ":" in host else _Server
+    return cls((host, port), handler)
+
+
+def start_in_thread(host: str = "127.0.0.1", port: int = 0):
+    """(server, base URL); stop with server.shutdown(); server.server_close()."""
+    srv = make_server(host, port)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    h, p = srv.server_address[:2]
+    url = f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
+    return srv, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--listen", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=1633)
+    args = ap.parse_args(argv)
+    srv = make_server(args.listen, args.port)
+    print(f"READY {srv.server_address[1]}", flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
