@@ -79,6 +79,12 @@ class BeeHandler(BaseHTTPRequestHandler):
     server_version = "bee-fake"
     state: BeeState  # set on the subclass by make_server
 
+    def setup(self) -> None:
+        super().setup()
+        # Go servers (Bee, kubo) disable Nagle; without this, header and body go out as
+        # two segments and each small response waits for a delayed ACK (~40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format, *args):  # quiet: tests read stderr of the client only
         pass
 

@@ -84,6 +84,12 @@ class GatewayHandler(BaseHTTPRequestHandler):
     server_version = "kubo-fake"
     state: IpfsState
 
+    def setup(self) -> None:
+        super().setup()
+        # Go servers (Bee, kubo) disable Nagle; without this, header and body go out as
+        # two segments and each small response waits for a delayed ACK (~40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format, *args):
         pass
 
