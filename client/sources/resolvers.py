@@ -268,10 +268,15 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
     dest = d / "download"
     # Without a pinned hash only a (small) signed manifest is acceptable: cap the download.
     limit = MAX_BOOT_FILE if ws.sha256 else MAX_ENVELOPE
-    got = web.fetch(
-        ws.url, dest, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress,
-        max_size=limit,
-    )
+    try:
+        got = web.fetch(
+            ws.url, dest, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress,
+            max_size=limit,
+        )
+    except web.TooLarge:
+        if ws.sha256:
+            raise
+        raise _needs_hash(spec) from None
     head = dest.read_bytes()[:MAX_ENVELOPE] if got.size <= MAX_ENVELOPE else b""
     if head and looks_like_envelope(head):
         return [
@@ -282,10 +287,7 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
             )
         ]
     if ws.sha256 is None:
-        raise BootlinkError(
-            f"{spec} is not a signed manifest, so it needs its hash: append "
-            "#sha256=<64 hex digits> to the URL"
-        )
+        raise _needs_hash(spec)
     if is_iso_file(dest):
         iso_path = dest.rename(d / "image.iso")
         return [
@@ -296,6 +298,13 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
         ]
     raise BootlinkError(
         f"{spec}: the file matches its sha256 but is neither a bootlink manifest nor an ISO"
+    )
+
+
+def _needs_hash(spec: str) -> BootlinkError:
+    return BootlinkError(
+        f"{spec} is not a signed manifest, so it needs its hash: append "
+        "#sha256=<64 hex digits> to the URL"
     )
 
 

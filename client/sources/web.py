@@ -54,6 +54,10 @@ class HashMismatch(ProtocolError):
     pass
 
 
+class TooLarge(BootlinkError):
+    pass
+
+
 @dataclass(frozen=True)
 class WebFetch:
     url: str
@@ -100,7 +104,7 @@ def fetch(
     total = int(length) if length and length.isdigit() else 0
     if total > max_size:
         http.close()
-        raise BootlinkError(f"{url} is {total} bytes, over the {max_size}-byte limit")
+        raise TooLarge(f"{url} is {total} bytes, over the {max_size}-byte limit")
     prog = Progress(label or Path(u.path).name or url, total) if progress else None
     h = hashlib.sha256()
     tmp = output.with_name(output.name + ".part")
@@ -116,7 +120,7 @@ def fetch(
                     break
                 size += len(block)
                 if size > max_size:
-                    raise BootlinkError(f"{url} exceeds the {max_size}-byte limit")
+                    raise TooLarge(f"{url} exceeds the {max_size}-byte limit")
                 h.update(block)
                 out.write(block)
                 if prog:
