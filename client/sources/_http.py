@@ -27,6 +27,10 @@ class HttpError(BootlinkError):
         self.status = status
 
 
+class TooLarge(BootlinkError):
+    """The content is bigger than the caller allows (e.g. a 'manifest' that is a kernel)."""
+
+
 @dataclass(frozen=True)
 class BaseUrl:
     scheme: str

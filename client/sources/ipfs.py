@@ -31,7 +31,7 @@ from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.ipfs import CID
 from bootlink.common.log import Progress
 
-from ._http import HttpClient, HttpError, error_text
+from ._http import HttpClient, HttpError, TooLarge, error_text
 
 log = logging.getLogger("bootlink.sources.ipfs")
 
@@ -275,7 +275,7 @@ class _Walker:
     def _write(self, data: bytes) -> None:
         self.written += len(data)
         if self.written > self.max_size:
-            raise BootlinkError(f"{self.label}: file exceeds the {self.max_size}-byte limit")
+            raise TooLarge(f"{self.label}: file exceeds the {self.max_size}-byte limit")
         self.out.write(data)
         if self.prog:
             self.prog.advance(len(data))
@@ -325,7 +325,7 @@ class _Walker:
             self._bad(cid, f"has {len(node.links)} links but {len(unixfs.blocksizes)} blocksizes")
         if expected is None:
             if total > self.max_size:
-                raise BootlinkError(
+                raise TooLarge(
                     f"ipfs {cid} is {total} bytes, over the {self.max_size}-byte limit for a "
                     "boot file; is this the right CID?"
                 )

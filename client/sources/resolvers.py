@@ -32,6 +32,7 @@ from bootlink.common.signing import (
 )
 
 from . import ipfs, iso, swarm, web
+from ._http import TooLarge
 
 log = logging.getLogger("bootlink.sources")
 
@@ -205,9 +206,10 @@ def _check_file(path: Path, entry: FileEntry, role: str, spec: str) -> None:
         )
 
 
-def _not_manifest(spec: str, size: int) -> BootlinkError:
+def _not_manifest(spec: str, size: int | None) -> BootlinkError:
+    what = f"{size} bytes" if size is not None else f"over {MAX_ENVELOPE} bytes"
     return ManifestError(
-        f"{spec} is not a bootlink image manifest ({size} bytes): publish images with "
+        f"{spec} is not a bootlink image manifest ({what}): publish images with "
         "'bootlink publish'; to download a single file use 'bootlink fetch'"
     )
 
@@ -219,10 +221,13 @@ def resolve_swarm(spec: str, cfg: Config, workdir: Path, progress: bool = True) 
     ref = swarm_codec.parse_reference(strip_kind(spec, "swarm"))
     d = spec_dir(workdir, spec, "swarm")
     dest = d / "manifest.json"
-    got = swarm.fetch(
-        ref, cfg.client.bee_api, dest, timeout=cfg.client.timeout, progress=False,
-        max_size=MAX_ENVELOPE,
-    )
+    try:
+        got = swarm.fetch(
+            ref, cfg.client.bee_api, dest, timeout=cfg.client.timeout, progress=False,
+            max_size=MAX_ENVELOPE,
+        )
+    except TooLarge:
+        raise _not_manifest(spec, None) from None
     data = dest.read_bytes()
     if not looks_like_envelope(data):
         raise _not_manifest(spec, len(data))
@@ -241,10 +246,13 @@ def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -
         raise BootlinkError(f"source '{spec}': {exc}") from None
     d = spec_dir(workdir, spec, "ipfs")
     dest = d / "manifest.json"
-    got = ipfs.fetch(
-        cid, cfg.client.ipfs_gateway, dest, timeout=cfg.client.timeout, progress=False,
-        max_size=MAX_ENVELOPE,
-    )
+    try:
+        got = ipfs.fetch(
+            cid, cfg.client.ipfs_gateway, dest, timeout=cfg.client.timeout, progress=False,
+            max_size=MAX_ENVELOPE,
+        )
+    except TooLarge:
+        raise _not_manifest(spec, None) from None
     data = dest.read_bytes()
     if not looks_like_envelope(data):
         raise _not_manifest(spec, len(data))
@@ -273,7 +281,7 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
             ws.url, dest, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress,
             max_size=limit,
         )
-    except web.TooLarge:
+    except TooLarge:
         if ws.sha256:
             raise
         raise _needs_hash(spec) from None

@@ -24,7 +24,7 @@ from bootlink.common import swarm
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.log import Progress
 
-from ._http import HttpClient, HttpError, error_text
+from ._http import HttpClient, HttpError, TooLarge, error_text
 
 log = logging.getLogger("bootlink.sources.swarm")
 
@@ -103,7 +103,7 @@ def fetch(
     bee = BeeClient(bee_url, timeout)
     root_span, root_payload = bee.chunk(reference)
     if root_span > max_size:
-        raise BootlinkError(
+        raise TooLarge(
             f"swarm:{reference.hex()} claims {root_span} bytes, over the {max_size}-byte "
             "limit for a boot file; is this the right reference?"
         )

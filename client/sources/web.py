@@ -18,7 +18,7 @@ from pathlib import Path
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.log import Progress
 
-from ._http import HttpClient, HttpError, error_text
+from ._http import HttpClient, HttpError, TooLarge, error_text
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -54,8 +54,7 @@ class HashMismatch(ProtocolError):
     pass
 
 
-class TooLarge(BootlinkError):
-    pass
+__all__ = ["HashMismatch", "TooLarge", "WebFetch", "WebSpec", "fetch", "sha256_from_fragment"]
 
 
 @dataclass(frozen=True)

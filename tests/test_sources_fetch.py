@@ -1,0 +1,380 @@
+"""Publish -> fetch -> verify against local Bee / IPFS stand-ins, and every refusal.
+
+The round trip runs the fake nodes as separate processes inside a network namespace
+reached over a veth pair with private (ULA) addresses, so real sockets and real routing
+are involved; the fault tests run the fakes in-process on 127.0.0.1 to poke their state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bootlink.cli import main as bootlink_main
+from bootlink.client import menu, sources
+from bootlink.client.sources import ipfs as ipfs_src
+from bootlink.client.sources import swarm as swarm_src
+from bootlink.common import ipfs, swarm
+from bootlink.common.config import config_from_dict
+from bootlink.common.errors import BootlinkError
+from bootlink.common.signing import ManifestError
+
+from fakes import bee as fake_bee
+from fakes import ipfs_gateway as fake_ipfs
+
+FAKES = Path(__file__).parent / "fakes"
+KERNEL = os.urandom(300_000)
+INITRD = os.urandom(1_100_000)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    k, i = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    k.write_bytes(KERNEL)
+    i.write_bytes(INITRD)
+    return k, i
+
+
+def cli(*args, capsys=None) -> str:
+    rc = bootlink_main([*map(str, args)])
+    out = capsys.readouterr() if capsys else None
+    assert rc == 0, out.err if out else rc
+    return out.out.strip() if out else ""
+
+
+def make_key(tmp_path, capsys, name="sign.key") -> tuple[Path, str]:
+    path = tmp_path / name
+    pub = cli("sign-key", "--key", path, capsys=capsys).splitlines()[0]
+    return path, pub
+
+
+# ---------------------------------------------------------------- namespace fixture
+
+
+def _run(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def fake_nodes_in_netns():
+    """Bee (:1633) and IPFS (:8080, also /api/v0/add) in a fresh netns at fd6c:626c::2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 to make a network namespace")
+    tag = f"{os.getpid() % 100000}"
+    ns, host_if, ns_if = f"blsrc{tag}", f"blsh{tag}", f"blsn{tag}"
+    procs: list[subprocess.Popen] = []
+    try:
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _run("ip", "link", "set", ns_if, "netns", ns)
+        _run("ip", "addr", "add", "fd6c:626c::1/64", "dev", host_if, "nodad")
+        _run("ip", "-n", ns, "addr", "add", "fd6c:626c::2/64", "dev", ns_if, "nodad")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "link", "set", ns_if, "up")
+        _run("ip", "link", "set", host_if, "up")
+        deadline = time.monotonic() + 5
+        while Path(f"/sys/class/net/{host_if}/operstate").read_text().strip() != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host_if} never came up")
+            time.sleep(0.02)
+        for script, port in (("bee.py", 1633), ("ipfs_gateway.py", 8080)):
+            p = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, str(FAKES / script),
+                 "--listen", "fd6c:626c::2", "--port", str(port)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            procs.append(p)
+            line = p.stdout.readline()
+            assert line.startswith("READY"), f"{script} did not start: {line!r}"
+        yield "http://[fd6c:626c::2]:1633", "http://[fd6c:626c::2]:8080"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_publish_fetch_roundtrip_over_netns(tmp_path, capsys, image_files):
+    kernel, initrd = image_files
+    with fake_nodes_in_netns() as (bee_url, ipfs_url):
+        key, pub = make_key(tmp_path, capsys)
+        cfgfile = tmp_path / "c.yaml"
+        cfgfile.write_text(
+            f"client:\n  bee_api: '{bee_url}'\n  ipfs_gateway: '{ipfs_url}'\n"
+            f"  trusted_keys: ['{pub}']\n  menu_timeout: 1\n"
+            f"server:\n  boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: 'root=/dev/nbd0p1 ro'}}\n"
+        )
+        swarm_spec = cli("publish", "--config", cfgfile, "--to", "swarm", "--sign-key", key,
+                         "--label", "Swarm image", "--quiet", capsys=capsys)
+        ipfs_spec = cli("publish", "--config", cfgfile, "--to", "ipfs", "--api", ipfs_url,
+                        "--sign-key", key, "--layout", "v1-2025", "--label", "IPFS image",
+                        "--quiet", capsys=capsys)
+        assert swarm_spec.startswith("swarm:") and ipfs_spec.startswith("ipfs:b")
+
+        cfg = config_from_dict({"client": {
+            "bee_api": bee_url, "ipfs_gateway": ipfs_url, "trusted_keys": [pub],
+            "sources": [swarm_spec, ipfs_spec]}})
+        images, errors = sources.resolve_all(cfg, tmp_path / "work", progress=False)
+        assert errors == []
+        assert [i.label for i in images] == ["Swarm image", "IPFS image"]
+        for image in images:
+            assert image.kernel.read_bytes() == KERNEL
+            assert image.initrd.read_bytes() == INITRD
+            assert image.cmdline == "root=/dev/nbd0p1 ro"
+            assert f"trusted key {pub[:16]}" in image.provenance.verified_by
+        assert images[0].provenance.source == "swarm" and "swarm BMT" in images[0].provenance.verified_by
+        assert images[1].provenance.source == "ipfs" and "match their CIDs" in images[1].provenance.verified_by
+        import io
+
+        chosen = menu.choose(images, timeout=1, stdin=io.StringIO("2\n"), stdout=io.StringIO())
+        assert chosen is images[1]
+
+        # plain file fetches over the namespace link, by reference computed offline
+        ref = cli("ref", "swarm", initrd, capsys=capsys)
+        cli("fetch", f"swarm:{ref}", "--bee", bee_url, "--output", tmp_path / "o1", "--quiet",
+            capsys=capsys)
+        assert (tmp_path / "o1").read_bytes() == INITRD
+
+
+# ---------------------------------------------------------------- in-process fakes
+
+
+@pytest.fixture
+def bee():
+    state = fake_bee.BeeState()
+    srv = fake_bee.make_server("127.0.0.1", 0, state)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield state, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def gw():
+    state = fake_ipfs.IpfsState()
+    srv = fake_ipfs.make_server("127.0.0.1", 0, state)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield state, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_swarm_lying_node_detected_and_chunk_named(bee, tmp_path):
+    state, url = bee
+    data = os.urandom(200 * swarm.CHUNK_SIZE + 5)
+    leaves = []
+    ref = swarm.reference_of_bytes(data, lambda a, s, p: leaves.append(a) if len(p) == s else None)
+    state.store_bytes(data)
+    bad = leaves[150]
+    state.corrupt.add(bad)
+    out = tmp_path / "out"
+    with pytest.raises(swarm_src.SwarmChunkError) as ei:
+        swarm_src.fetch(ref, url, out, progress=False)
+    msg = one_line(ei.value)
+    assert f"swarm chunk {bad.hex()} from http://127.0.0.1:" in msg
+    assert "does not hash to its address" in msg and "try another --bee" in msg
+    assert not out.exists() and not (tmp_path / "out.part").exists()
+    state.corrupt.clear()
+    got = swarm_src.fetch(ref, url, out, progress=False)
+    assert out.read_bytes() == data and got.chunks == 200 + 1 + 2 + 1
+
+
+def test_swarm_missing_chunk_named(bee, tmp_path):
+    state, url = bee
+    ref = state.store_bytes(b"x" * 3 * swarm.CHUNK_SIZE)
+    state.missing.add(ref)
+    with pytest.raises(BootlinkError, match=f"{ref.hex()} not found"):
+        swarm_src.fetch(ref, url, tmp_path / "o", progress=False)
+
+
+def test_swarm_publish_detects_lying_reference(bee, tmp_path, image_files):
+    state, url = bee
+    state.lie_reference = True
+    with pytest.raises(BootlinkError, match="returned reference") as ei:
+        swarm_src.upload_file(image_files[0], url, fake_bee.BATCH_ID, progress=False)
+    one_line(ei.value)
+
+
+def test_swarm_publish_needs_batch_and_finds_it(bee, tmp_path, image_files):
+    _, url = bee
+    assert swarm_src.find_batch(url) == fake_bee.BATCH_ID
+    with pytest.raises(BootlinkError, match="batch"):
+        swarm_src.upload_file(image_files[0], url, "ee" * 32, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["car", "raw"])
+def test_ipfs_wrong_block_refused_and_named(gw, tmp_path, mode):
+    state, url = gw
+    data = os.urandom(1_200_000)
+    root, _ = state.add_bytes(data, ipfs.LAYOUTS["kubo-v0"])
+    node = ipfs.PBNode.decode(state.blocks[root.multihash])
+    bad = node.links[2].cid
+    state.corrupt.add(bad.multihash)
+    with pytest.raises(ipfs_src.IpfsBlockError) as ei:
+        ipfs_src.fetch(root, url, tmp_path / "o", mode=mode, progress=False)
+    msg = one_line(ei.value)
+    assert f"ipfs block {bad}" in msg and "does not match its CID" in msg
+    assert not (tmp_path / "o").exists()
+    state.corrupt.clear()
+    ipfs_src.fetch(root, url, tmp_path / "o", mode=mode, progress=False)
+    assert (tmp_path / "o").read_bytes() == data
+
+
+@pytest.mark.parametrize("layout", sorted(ipfs.LAYOUTS))
+def test_ipfs_fetch_every_layout(gw, tmp_path, layout):
+    state, url = gw
+    data = os.urandom(2_500_000)
+    root, _ = state.add_bytes(data, ipfs.LAYOUTS[layout])
+    assert root == ipfs.cid_of_bytes(data, layout)
+    got = ipfs_src.fetch(root, url, tmp_path / "o", progress=False)
+    assert (tmp_path / "o").read_bytes() == data and got.size == len(data)
+
+
+def test_truncated_car_refused(gw, tmp_path):
+    state, url = gw
+    root, _ = state.add_bytes(os.urandom(1_500_000), ipfs.LAYOUTS["kubo-v1"])
+    state.truncate_after = 3
+    with pytest.raises(ipfs_src.IpfsBlockError, match="truncated") as ei:
+        ipfs_src.fetch(root, url, tmp_path / "o", progress=False)
+    assert f"CAR for ipfs {root}" in one_line(ei.value)
+
+
+def test_car_roots_are_ignored(gw, tmp_path):
+    state, url = gw
+    data = os.urandom(600_000)
+    root, _ = state.add_bytes(data, ipfs.LAYOUTS["kubo-v0"])
+    state.wrong_roots = True
+    ipfs_src.fetch(root, url, tmp_path / "o", progress=False)
+    assert (tmp_path / "o").read_bytes() == data
+
+
+def test_ipfs_publish_detects_wrong_cid(gw, image_files):
+    state, url = gw
+    state.lie_cid = True
+    with pytest.raises(BootlinkError, match="returned CID"):
+        ipfs_src.add_file(image_files[1], url, "kubo-v1", progress=False)
+
+
+def _publish(tmp_path, capsys, url, files, *extra) -> str:
+    kernel, initrd = files
+    return cli("publish", "--to", "swarm", "--api", url, "--kernel", kernel, "--initrd", initrd,
+               "--cmdline", "quiet", "--quiet", *extra, capsys=capsys)
+
+
+def test_manifest_signed_by_untrusted_key_refused(bee, tmp_path, capsys, image_files):
+    _, url = bee
+    key, pub = make_key(tmp_path, capsys)
+    _, other = make_key(tmp_path, capsys, "other.key")
+    spec = _publish(tmp_path, capsys, url, image_files, "--sign-key", key)
+    cfg = config_from_dict({"client": {"bee_api": url, "trusted_keys": [other]}})
+    with pytest.raises(ManifestError, match=f"untrusted key.*{pub[:16]}") as ei:
+        sources.resolve(spec, cfg, tmp_path / "w", progress=False)
+    one_line(ei.value)
+    # and accepted once the key is trusted
+    cfg = config_from_dict({"client": {"bee_api": url, "trusted_keys": [other, pub]}})
+    (image,) = sources.resolve(spec, cfg, tmp_path / "w", progress=False)
+    assert image.kernel.read_bytes() == KERNEL
+
+
+def test_unsigned_manifest_refused_unless_allowed(bee, tmp_path, capsys, image_files):
+    _, url = bee
+    spec = _publish(tmp_path, capsys, url, image_files, "--unsigned")
+    cfg = config_from_dict({"client": {"bee_api": url}})
+    with pytest.raises(ManifestError, match="not signed"):
+        sources.resolve(spec, cfg, tmp_path / "w", progress=False)
+    cfg = config_from_dict({"client": {"bee_api": url, "allow_unsigned": [spec]}})
+    (image,) = sources.resolve(spec, cfg, tmp_path / "w", progress=False)
+    assert "allow_unsigned" in image.provenance.verified_by
+
+
+def test_manifest_pinning_wrong_file_refused(bee, tmp_path, capsys, image_files):
+    state, url = bee
+    key, pub = make_key(tmp_path, capsys)
+    spec = _publish(tmp_path, capsys, url, image_files, "--sign-key", key)
+    # A validly signed manifest whose kernel reference points at other bytes than it pins.
+    from bootlink.common import signing
+
+    env = signing.parse_envelope(b"".join(state.iter_file(bytes.fromhex(spec[6:]))))
+    m = env.manifest
+    other_ref = state.store_bytes(b"evil" * 1000)
+    files = dict(m.files)
+    files["kernel"] = signing.FileEntry("vmlinuz", 4000, files["kernel"].sha256, f"swarm:{other_ref.hex()}")
+    forged = signing.sign_manifest(signing.Manifest(m.label, m.cmdline, files),
+                                   signing.load_signing_key(key))
+    ref = state.store_bytes(forged.to_bytes())
+    cfg = config_from_dict({"client": {"bee_api": url, "trusted_keys": [pub]}})
+    with pytest.raises(ManifestError, match="kernel vmlinuz .* has sha256 .* refused"):
+        sources.resolve(f"swarm:{ref.hex()}", cfg, tmp_path / "w", progress=False)
+
+
+def test_raw_file_is_not_a_manifest(bee, tmp_path):
+    state, url = bee
+    ref = state.store_bytes(KERNEL)
+    cfg = config_from_dict({"client": {"bee_api": url}})
+    with pytest.raises(ManifestError, match="not a bootlink image manifest"):
+        sources.resolve(f"swarm:{ref.hex()}", cfg, tmp_path / "w", progress=False)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_web_signed_manifest_with_relative_files(tmp_path, capsys, image_files):
+    key, pub = make_key(tmp_path, capsys)
+    www = tmp_path / "www"
+    kernel, initrd = image_files
+    cli("publish", "--to", "dir", "--output", www, "--kernel", kernel, "--initrd", initrd,
+        "--cmdline", "console=ttyS0", "--sign-key", key, "--quiet", capsys=capsys)
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www))
+    )
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/manifest.json"
+    try:
+        cfg = config_from_dict({"client": {"trusted_keys": [pub]}})
+        (image,) = sources.resolve(url, cfg, tmp_path / "w", progress=False)
+        assert image.initrd.read_bytes() == INITRD and image.provenance.source == "web"
+        with pytest.raises(ManifestError, match="not signed|untrusted"):
+            sources.resolve(url, config_from_dict({}), tmp_path / "w2", progress=False)
+        # a tampered file on the server is refused by the manifest's sha256
+        (www / "initrd.img").write_bytes(b"tampered")
+        with pytest.raises(BootlinkError, match="initrd.img") as ei:
+            sources.resolve(url, cfg, tmp_path / "w3", progress=False)
+        one_line(ei.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_fetch_cli_web_needs_hash(capsys, tmp_path):
+    rc = bootlink_main(["fetch", "https://example.invalid/x.iso", "--output", str(tmp_path / "o")])
+    assert rc == 2
+    assert "sha256" in capsys.readouterr().err
+
+
+def test_unknown_source_kind():
+    with pytest.raises(BootlinkError, match="unknown kind 'ftp'"):
+        sources.resolve("ftp://x", config_from_dict({}), Path("/tmp/unused-bootlink"))
