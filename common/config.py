@@ -173,9 +173,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(
-        type(value), repr(value)
-    )
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), repr(value))
 
 
 def _validate(cfg: Config) -> None:
@@ -191,4 +189,6 @@ def _validate(cfg: Config) -> None:
     if cfg.client.timeout <= 0:
         raise ConfigError(f"{cfg.source}: 'client.timeout' must be > 0 seconds")
     if not cfg.server.export_name or "/" in cfg.server.export_name:
-        raise ConfigError(f"{cfg.source}: 'server.export_name' must be a non-empty name without '/'")
+        raise ConfigError(
+            f"{cfg.source}: 'server.export_name' must be a non-empty name without '/'"
+        )

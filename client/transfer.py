@@ -1,0 +1,145 @@
+"""Fetch the sealed boot payload from a found server into files, verifying as it arrives.
+
+Memory stays bounded (one 1 MiB frame at a time). Bytes go to `<name>.part` files that
+are renamed only once the whole stream authenticated and every file's size and SHA-256
+match the sealed manifest, so a half-received or forged kernel never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import http.client
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootlink.common import wire
+from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.log import Progress
+
+log = logging.getLogger("bootlink.client.transfer")
+
+
+@dataclass(frozen=True)
+class Received:
+    manifest: wire.BootManifest
+    paths: dict[str, Path]  # "kernel" / "initrd" -> verified file
+
+
+def fetch_boot_payload(
+    host: str,
+    port: int,
+    k_xfer: bytes,
+    challenge: bytes,
+    dest: Path,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Received:
+    """POST the sealed request to http://[host]:port/v1/boot and receive the payload."""
+    nonce = wire.new_nonce()
+    body = wire.encode_boot_request(k_xfer, challenge, nonce)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        try:
+            conn.request("POST", "/v1/boot", body, {"Content-Type": "application/octet-stream"})
+            resp = conn.getresponse()
+        except OSError as exc:
+            raise BootlinkError(
+                f"cannot reach the server's boot service at [{host}]:{port} "
+                f"({exc.strerror or exc}): check the cable and retry"
+            ) from None
+        if resp.status != 200:
+            reason = resp.read(200).decode(errors="replace").strip()
+            raise ProtocolError(
+                f"server refused the boot request ({resp.status} {reason}): the keys differ "
+                "or the request was stale; retry, and check both machines use the same key"
+            )
+        return _receive(resp, wire.session_key(k_xfer, challenge, nonce), dest, progress)
+    finally:
+        conn.close()
+
+
+def _safe_read(resp):
+    def read(n: int) -> bytes:
+        try:
+            return resp.read(n)
+        except http.client.IncompleteRead as exc:
+            return exc.partial
+        except OSError:  # reset/timeout mid-stream reads as truncation
+            return b""
+
+    return read
+
+
+def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
+    reader = wire.FrameReader(k_sess, _safe_read(resp))
+    first, last = reader.next()
+    manifest = wire.BootManifest.from_bytes(first)
+    names = [f.name for f in manifest.files]
+    if sorted(names) != ["initrd", "kernel"] or last:
+        raise ProtocolError("manifest must list exactly a kernel and an initrd")
+    dest.mkdir(parents=True, exist_ok=True)
+    _check_space(dest, manifest.payload_size)
+    bar = Progress("download", manifest.payload_size) if progress else None
+    parts = {n: dest / f"{n}.part" for n in names}
+    try:
+        pending = b""
+        for entry in manifest.files:
+            h = hashlib.sha256()
+            got = 0
+            with open(parts[entry.name], "wb") as out:
+                while got < entry.size:
+                    if not pending:
+                        pending, last = reader.next()
+                        if last:
+                            raise ProtocolError(f"stream ended inside {entry.name}")
+                    take = pending[: entry.size - got]
+                    pending = pending[len(take) :]
+                    _write(out, take, dest)
+                    h.update(take)
+                    got += len(take)
+                    if bar:
+                        bar.advance(len(take))
+            if h.hexdigest() != entry.sha256:
+                raise ProtocolError(f"{entry.name} does not match its sealed SHA-256")
+        if pending:
+            raise ProtocolError("stream carries more data than the manifest announced")
+        tail, last = reader.next()
+        if tail or not last:
+            raise ProtocolError("stream carries more data than the manifest announced")
+        if bar:
+            bar.finish()
+        final = {}
+        for n, part in parts.items():
+            final[n] = dest / n
+            os.replace(part, final[n])
+        return Received(manifest, final)
+    finally:
+        for part in parts.values():
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+
+
+def _check_space(dest: Path, need: int) -> None:
+    st = os.statvfs(dest)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise BootlinkError(
+            f"{dest} has {free >> 20} MiB free but the payload is {need >> 20} MiB: "
+            "give the desktop more RAM or set client.download_dir to a larger filesystem"
+        )
+
+
+def _write(out, data: bytes, dest: Path) -> None:
+    try:
+        out.write(data)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise BootlinkError(
+                f"{dest} filled up while downloading: set client.download_dir to a larger "
+                "filesystem"
+            ) from None
+        raise

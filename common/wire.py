@@ -1,0 +1,318 @@
+"""bootlink's wire messages: pure encode/decode functions, no sockets.
+
+Every exchange starts with a fresh nonce from the asker that the answer must bind, so a
+recorded answer is worthless later, and every payload is AES-EAX sealed under a sub-key
+of the shared key (see keys.Purpose), so nothing unauthenticated is acted upon.
+
+Discovery (UDP, to ff02::1 on each probed NIC):
+    probe  = MAGIC | 0x01 | client_nonce[16]
+    answer = MAGIC | 0x02 | client_nonce[16] | server_nonce[16] | EAX(k_disc, server_nonce,
+             header = MAGIC|0x02|client_nonce, json{http_port, nbd_port, challenge, name})
+
+Boot transfer (HTTP POST /v1/boot):
+    request  = MAGIC | 0x03 | request_nonce[16] | EAX(k_xfer, request_nonce,
+               header = MAGIC|0x03, json{challenge, want})
+    The server accepts each discovery `challenge` once: a replayed request finds it spent.
+    response = a stream of frames under a session key
+               k_sess = HKDF(k_xfer, challenge | request_nonce), fresh for this request:
+    frame    = length[4, BE] | flags[1] | EAX(k_sess, nonce=counter[16], header =
+               MAGIC|0x04|counter[8]|flags, body) with body[-16:] the tag
+    Frame 0 is the JSON manifest; frames 1.. carry the payload (kernel bytes then initrd
+    bytes) in order; FLAG_LAST marks the final frame. A counter in the header detects
+    reordering; a stream that ends without FLAG_LAST is truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import eax
+from .errors import ProtocolError
+
+MAGIC = b"BLK1"
+NONCE_SIZE = 16
+CHALLENGE_SIZE = 16
+
+T_PROBE = 0x01
+T_ANSWER = 0x02
+T_BOOT_REQUEST = 0x03
+T_FRAME = 0x04
+
+FLAG_LAST = 0x01
+FRAME_HEAD = struct.Struct(">IB")  # sealed length, flags
+MAX_FRAME = 16 << 20  # a peer can't make us allocate more than this per frame
+MAX_DATAGRAM = 1400
+MAX_JSON = 64 << 10
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+# --- discovery -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerOffer:
+    """What a server tells a prober that sent it a nonce (sealed, bound to that nonce)."""
+
+    http_port: int
+    nbd_port: int
+    challenge: bytes  # single-use token the client must return inside its boot request
+    name: str = ""
+
+
+def encode_probe(client_nonce: bytes) -> bytes:
+    _need(len(client_nonce) == NONCE_SIZE, "probe nonce must be 16 bytes")
+    return MAGIC + bytes([T_PROBE]) + client_nonce
+
+
+def decode_probe(datagram: bytes) -> bytes:
+    """Return the client nonce of a well-formed probe, else raise ProtocolError."""
+    _need(len(datagram) == 4 + 1 + NONCE_SIZE, "probe has the wrong length")
+    _need(datagram[:4] == MAGIC and datagram[4] == T_PROBE, "not a bootlink probe")
+    return datagram[5:]
+
+
+def encode_answer(k_disc: bytes, client_nonce: bytes, offer: ServerOffer) -> bytes:
+    server_nonce = new_nonce()
+    header = MAGIC + bytes([T_ANSWER]) + client_nonce
+    body = _json_bytes(
+        {
+            "http_port": offer.http_port,
+            "nbd_port": offer.nbd_port,
+            "challenge": offer.challenge.hex(),
+            "name": offer.name,
+        }
+    )
+    return header + server_nonce + eax.seal(k_disc, server_nonce, body, header)
+
+
+def decode_answer(k_disc: bytes, expected_nonce: bytes, datagram: bytes) -> ServerOffer:
+    """Open an answer; it only counts if it is sealed under our key AND binds our nonce."""
+    _need(len(datagram) >= 5 + 2 * NONCE_SIZE + eax.TAG_SIZE, "answer too short")
+    _need(datagram[:4] == MAGIC and datagram[4] == T_ANSWER, "not a bootlink answer")
+    header, rest = datagram[: 5 + NONCE_SIZE], datagram[5 + NONCE_SIZE :]
+    if header[5:] != expected_nonce:
+        raise ProtocolError("answer binds another probe's nonce (replayed or stale)")
+    server_nonce, sealed = rest[:NONCE_SIZE], rest[NONCE_SIZE:]
+    try:
+        body = eax.open_(k_disc, server_nonce, sealed, header)
+    except eax.InvalidTag:
+        raise ProtocolError("answer not sealed with our key (another key, or tampered)") from None
+    obj = _json_obj(body, "answer")
+    try:
+        offer = ServerOffer(
+            http_port=_port(obj["http_port"]),
+            nbd_port=_port(obj["nbd_port"]),
+            challenge=bytes.fromhex(obj["challenge"]),
+            name=str(obj.get("name", "")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"answer body malformed: {exc}") from None
+    _need(len(offer.challenge) == CHALLENGE_SIZE, "answer challenge has the wrong length")
+    return offer
+
+
+# --- boot request ---------------------------------------------------------------------------
+
+
+def encode_boot_request(k_xfer: bytes, challenge: bytes, request_nonce: bytes) -> bytes:
+    header = MAGIC + bytes([T_BOOT_REQUEST])
+    body = _json_bytes({"challenge": challenge.hex(), "want": "boot"})
+    return header + request_nonce + eax.seal(k_xfer, request_nonce, body, header)
+
+
+def decode_boot_request(k_xfer: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """Return (challenge, request_nonce) of an authentic request, else raise ProtocolError."""
+    _need(len(data) >= 5 + NONCE_SIZE + eax.TAG_SIZE, "boot request too short")
+    _need(len(data) <= MAX_JSON, "boot request too long")
+    _need(data[:4] == MAGIC and data[4] == T_BOOT_REQUEST, "not a bootlink boot request")
+    header, nonce, sealed = data[:5], data[5 : 5 + NONCE_SIZE], data[5 + NONCE_SIZE :]
+    try:
+        body = eax.open_(k_xfer, nonce, sealed, header)
+    except eax.InvalidTag:
+        raise ProtocolError("boot request not sealed with our key") from None
+    obj = _json_obj(body, "boot request")
+    try:
+        challenge = bytes.fromhex(obj["challenge"])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("boot request lacks a valid challenge") from None
+    _need(len(challenge) == CHALLENGE_SIZE, "boot request challenge has the wrong length")
+    _need(obj.get("want") == "boot", "boot request asks for something unknown")
+    return challenge, nonce
+
+
+# --- boot manifest and framed stream --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class NbdInfo:
+    port: int
+    export: str
+    size: int
+    read_only: bool
+    first_sector_sha256: str  # lets the client prove it reaches the very disk described
+
+
+@dataclass(frozen=True)
+class BootManifest:
+    files: list[FileEntry]
+    cmdline: str
+    nbd: NbdInfo
+    server_name: str = ""
+    chunk_size: int = 1 << 20
+    version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _json_bytes(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BootManifest:
+        obj = _json_obj(data, "manifest")
+        try:
+            _need(obj["version"] == 1, f"manifest version {obj['version']} is not supported")
+            files = [
+                FileEntry(str(f["name"]), _nonneg(f["size"]), _hexdigest(f["sha256"]))
+                for f in obj["files"]
+            ]
+            n = obj["nbd"]
+            nbd = NbdInfo(
+                port=_port(n["port"]),
+                export=str(n["export"]),
+                size=_nonneg(n["size"]),
+                read_only=bool(n["read_only"]),
+                first_sector_sha256=_hexdigest(n["first_sector_sha256"]),
+            )
+            chunk = _nonneg(obj["chunk_size"])
+            _need(0 < chunk <= MAX_FRAME - 64, "manifest chunk size out of range")
+            return cls(
+                files=files,
+                cmdline=str(obj["cmdline"]),
+                nbd=nbd,
+                server_name=str(obj.get("server_name", "")),
+                chunk_size=chunk,
+                extra=dict(obj.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"manifest malformed: {exc!r}") from None
+
+    @property
+    def payload_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def session_key(k_xfer: bytes, challenge: bytes, request_nonce: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=challenge + request_nonce, info=b"session"
+    ).derive(k_xfer)
+
+
+def _frame_header(counter: int, flags: int) -> bytes:
+    return MAGIC + bytes([T_FRAME]) + counter.to_bytes(8, "big") + bytes([flags])
+
+
+def seal_frame(k_sess: bytes, counter: int, flags: int, body: bytes) -> bytes:
+    sealed = eax.seal(k_sess, counter.to_bytes(16, "big"), body, _frame_header(counter, flags))
+    return FRAME_HEAD.pack(len(sealed), flags) + sealed
+
+
+class FrameReader:
+    """Opens frames in order from a byte stream (`read(n)` like a file or HTTP response)."""
+
+    def __init__(self, k_sess: bytes, read) -> None:
+        self._key = k_sess
+        self._read = read
+        self.counter = 0
+        self.finished = False
+
+    def next(self) -> tuple[bytes, bool]:
+        """Return (plaintext, is_last). Raises ProtocolError on truncation/tamper/reorder."""
+        if self.finished:
+            raise ProtocolError("read past the last frame")
+        head = self._read_exact(FRAME_HEAD.size, "frame header")
+        length, flags = FRAME_HEAD.unpack(head)
+        _need(eax.TAG_SIZE <= length <= MAX_FRAME, f"frame length {length} out of range")
+        _need(flags & ~FLAG_LAST == 0, "frame has unknown flags")
+        sealed = self._read_exact(length, "frame body")
+        try:
+            body = eax.open_(
+                self._key,
+                self.counter.to_bytes(16, "big"),
+                sealed,
+                _frame_header(self.counter, flags),
+            )
+        except eax.InvalidTag:
+            raise ProtocolError(
+                f"frame {self.counter} failed authentication (tampered, reordered or foreign)"
+            ) from None
+        self.counter += 1
+        self.finished = bool(flags & FLAG_LAST)
+        return body, self.finished
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._read(n - len(buf))
+            if not chunk:
+                raise ProtocolError(
+                    f"stream truncated in {what} after frame {self.counter} (link lost?)"
+                )
+            buf += chunk
+        return bytes(buf)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _need(cond: bool, why: str) -> None:
+    if not cond:
+        raise ProtocolError(why)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _json_obj(data: bytes, what: str) -> dict[str, Any]:
+    _need(len(data) <= MAX_JSON, f"{what} too long")
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(f"{what} is not valid JSON") from None
+    _need(isinstance(obj, dict), f"{what} is not a JSON object")
+    return obj
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ValueError(f"bad port {v!r}")
+    return v
+
+
+def _nonneg(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"bad size {v!r}")
+    return v
+
+
+def _hexdigest(v: Any) -> str:
+    if not isinstance(v, str) or len(v) != 64:
+        raise ValueError(f"bad sha256 {v!r}")
+    int(v, 16)
+    return v.lower()
