@@ -141,7 +141,7 @@ def test_resolve_iso_from_web_needs_and_checks_hash(tmp_path):
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     handler = functools.partial(_QuietHandler, directory=str(root))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/arch.iso"
     cfg = config_from_dict({})
     try:

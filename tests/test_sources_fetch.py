@@ -159,7 +159,7 @@ def test_publish_fetch_roundtrip_over_netns(tmp_path, capsys, image_files):
 def bee():
     state = fake_bee.BeeState()
     srv = fake_bee.make_server("127.0.0.1", 0, state)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     yield state, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
@@ -169,7 +169,7 @@ def bee():
 def gw():
     state = fake_ipfs.IpfsState()
     srv = fake_ipfs.make_server("127.0.0.1", 0, state)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     yield state, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
@@ -351,7 +351,7 @@ def test_web_signed_manifest_with_relative_files(tmp_path, capsys, image_files):
     srv = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(www))
     )
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/manifest.json"
     try:
         cfg = config_from_dict({"client": {"trusted_keys": [pub]}})

@@ -1,0 +1,123 @@
+"""Verified Swarm / IPFS fetch vs a plain HTTP download of the same bytes, same server.
+
+Starts the fake Bee and IPFS nodes (tests/fakes) as separate processes on 127.0.0.1,
+uploads one random file to each through the real upload APIs, then downloads it:
+- plain:  GET /bytes/{ref} (Bee) or GET /ipfs/{cid} (deserialised), no verification;
+- swarm stream: intermediate chunks via /chunks + data via /bytes, every chunk hashed;
+- swarm chunks: every chunk via /chunks/{addr}, 32 in flight;
+- ipfs car: one CAR stream, every block checked; ipfs raw: one request per block.
+Prints medians of --runs runs and the ratio to plain (target >= 0.5).
+
+    .venv/bin/python bench/bench_fetch.py [--size-mib 64] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bootlink.client.sources import ipfs as ipfs_src
+from bootlink.client.sources import swarm as swarm_src
+from bootlink.client.sources._http import HttpClient
+from bootlink.common import swarm
+
+FAKES = Path(__file__).resolve().parent.parent / "tests" / "fakes"
+
+
+def start(script: str) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen(
+        [sys.executable, str(FAKES / script), "--listen", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = p.stdout.readline()
+    if not line.startswith("READY"):
+        p.kill()
+        raise SystemExit(f"{script} did not start")
+    return p, f"http://127.0.0.1:{line.split()[1]}"
+
+
+def plain(url: str, path: str, out: Path) -> None:
+    http = HttpClient(url)
+    resp = http.request("GET", path)
+    assert resp.status == 200, resp.status
+    with open(out, "wb") as f:
+        while block := resp.read1(1 << 20):
+            f.write(block)
+    http.close()
+
+
+def timed(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    size = args.size_mib << 20
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="bootlink-bench-") as tmp:
+        tmpd = Path(tmp)
+        src = tmpd / "image.bin"
+        src.write_bytes(os.urandom(size))
+        out = tmpd / "out.bin"
+        try:
+            bee_p, bee = start("bee.py")
+            ipfs_p, gw = start("ipfs_gateway.py")
+            procs += [bee_p, ipfs_p]
+            batch = swarm_src.find_batch(bee)
+            ref = swarm_src.upload_file(src, bee, batch, progress=False)
+            cids = {lay: ipfs_src.add_file(src, gw, lay, progress=False)
+                    for lay in ("kubo-v1", "v1-2025")}
+            data = src.read_bytes()
+
+            def check() -> None:
+                assert out.read_bytes() == data
+
+            rows = []
+            base = timed(lambda: plain(bee, f"/bytes/{ref.hex()}", out), args.runs)
+            check()
+            rows.append(("swarm plain GET /bytes", base, base))
+            for mode in ("stream", "chunks"):
+                runs = args.runs if mode == "stream" else 1
+                t = timed(lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False), runs)
+                check()
+                rows.append((f"swarm verified ({mode})", t, base))
+            for lay, cid in cids.items():
+                base_i = timed(lambda c=cid: plain(gw, f"/ipfs/{c}", out), args.runs)
+                check()
+                rows.append((f"ipfs plain GET /ipfs ({lay})", base_i, base_i))
+                for mode in ("car", "raw"):
+                    t = timed(
+                        lambda c=cid, m=mode: ipfs_src.fetch(c, gw, out, mode=m, progress=False),
+                        args.runs,
+                    )
+                    check()
+                    rows.append((f"ipfs verified {mode} ({lay})", t, base_i))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait()
+    print(f"{args.size_mib} MiB, median of {args.runs} runs (chunks mode: 1 run); "
+          f"BMT backend: {swarm.backend()}; {os.cpu_count()} CPUs")
+    print(f"{'download':38s} {'MB/s':>8s} {'x plain':>8s}")
+    for name, t, base in rows:
+        print(f"{name:38s} {size / t / 1e6:8.1f} {base / t:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
