@@ -1,0 +1,237 @@
+"""Server and client as separate hosts (network namespaces) over veth: the real thing.
+
+A client with four NICs — one to the real server, one to an impostor with another key,
+one to a replayer of recorded answers, one dead — must choose the real server, verify
+the payload, reach the NBD export and leave no namespace behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bootlink.common import wire
+from bootlink.common.keys import Purpose, generate_key_file
+from netlab import BOOTLINK, Lab, wait_for_log
+
+pytestmark = pytest.mark.netns
+
+if os.geteuid() != 0:
+    pytest.skip("needs root for network namespaces", allow_module_level=True)
+
+
+@pytest.fixture
+def lab():
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def write_config(path: Path, key: Path, workdir: Path, interfaces: list[str], **server) -> Path:
+    disk = server.get("disk", workdir / "disk.img")
+    path.write_text(
+        textwrap.dedent(f"""\
+        key: {key}
+        link: {{interfaces: {json.dumps(interfaces)}}}
+        server:
+          disk: {disk}
+          read_only: {json.dumps(server.get("read_only", False))}
+          boot:
+            kernel: {workdir / "kernel"}
+            initrd: {workdir / "initrd"}
+            cmdline: "root=/dev/nbd0p1 ro quiet"
+        client:
+          timeout: {server.get("timeout", 10)}
+          download_dir: {workdir / "download"}
+        """)
+    )
+    return path
+
+
+@pytest.fixture
+def payload(tmp_path):
+    (tmp_path / "kernel").write_bytes(os.urandom(3 << 20) + b"kernel-end")
+    (tmp_path / "initrd").write_bytes(os.urandom(5 << 20) + b"initrd-end")
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.write(b"BOOTLINK-TEST-DISK" + os.urandom(1 << 20))
+        f.truncate(32 << 20)
+    return tmp_path
+
+
+REPLAYER = textwrap.dedent("""\
+    import socket, sys
+    recorded = bytes.fromhex(sys.argv[2])
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.bind(("::", int(sys.argv[1])))
+    print("replayer ready", flush=True)
+    n = 0
+    while True:
+        data, addr = s.recvfrom(2048)
+        n += 1
+        # alternate: the recording verbatim, and with the prober's nonce spliced in
+        if n % 2:
+            s.sendto(recorded, addr)
+        else:
+            s.sendto(recorded[:5] + data[5:21] + recorded[21:], addr)
+    """)
+
+
+def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payload, tmp_path):
+    key = generate_key_file(tmp_path / "key")
+    other = generate_key_file(tmp_path / "other-key")
+    desk = lab.host("desk")
+    real, impostor, replayer = lab.host("real"), lab.host("impostor"), lab.host("replay")
+    # The real server's cable is the last NIC so winning is not an accident of ordering.
+    lab.cable(desk, "a-impostor", impostor, "link0")
+    lab.cable(desk, "b-replay", replayer, "link0")
+    lab.cable(desk, "c-dead", None)
+    lab.cable(desk, "d-real", real, "link0")
+
+    srv_cfg = write_config(tmp_path / "server.yaml", tmp_path / "key", payload, ["link0"])
+    imp_cfg = write_config(tmp_path / "imp.yaml", tmp_path / "other-key", payload, ["link0"])
+    srv = lab.start(real, [*BOOTLINK, "server", "--config", str(srv_cfg)], tmp_path / "srv.log")
+    imp = lab.start(impostor, [*BOOTLINK, "server", "--config", str(imp_cfg)], tmp_path / "i.log")
+    recorded = wire.encode_answer(
+        key.subkey(Purpose.DISCOVERY),
+        wire.new_nonce(),
+        wire.ServerOffer(7472, 10809, os.urandom(16), "recorded"),
+    )
+    rep = lab.start(
+        replayer, [sys.executable, "-c", REPLAYER, "7471", recorded.hex()], tmp_path / "r.log"
+    )
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    wait_for_log(tmp_path / "i.log", "serving", imp)
+    wait_for_log(tmp_path / "r.log", "replayer ready", rep)
+    assert other.key_id() != key.key_id()
+
+    cli_cfg = write_config(tmp_path / "client.yaml", tmp_path / "key", payload, [])
+    out = desk.run([*BOOTLINK, "-v", "client", "--config", str(cli_cfg), "--dry-run", "--json"])
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["interface"] == "d-real"
+    assert plan["kernel_sha256"] == hashlib.sha256((payload / "kernel").read_bytes()).hexdigest()
+    assert plan["initrd_sha256"] == hashlib.sha256((payload / "initrd").read_bytes()).hexdigest()
+    real_ll = real.link_local("link0")
+    assert plan["server"] == f"{real_ll}%d-real"
+    assert plan["cmdline"].startswith("root=/dev/nbd0p1 ro quiet ")
+    assert f"bootlink.nbd_host={real_ll}" in plan["cmdline"]
+    assert plan["nbd_uri"] == f"nbd://[{real_ll}%25d-real]:10809/bootlink"
+    assert (payload / "download" / "kernel").read_bytes() == (payload / "kernel").read_bytes()
+    # the impostor and the replayer were heard and refused, not silently missed
+    assert "not sealed with our key" in out.stderr
+    assert "nonce we never sent" in out.stderr or "another probe's nonce" in out.stderr
+
+    # Every NIC is back in the desktop's namespace and no probe namespace is left.
+    links = desk.run(["ip", "-o", "link"]).stdout
+    for nic in ("a-impostor", "b-replay", "c-dead", "d-real"):
+        assert nic in links
+    assert not [n for n in _netns_names() if n.startswith(f"blprobe-")], _netns_names()
+
+    # The export serves the disk's exact bytes through libnbd's URI, from the desktop.
+    read = desk.run([sys.executable, "-c", NBD_READ, plan["nbd_uri"]], text=False)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == (payload / "disk.img").read_bytes()
+
+
+NBD_READ = textwrap.dedent("""\
+    import sys, nbd
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    size = h.get_size()
+    out = sys.stdout.buffer
+    for off in range(0, size, 1 << 20):
+        out.write(h.pread(min(1 << 20, size - off), off))
+    """)
+
+
+def _netns_names() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def test_third_host_on_the_link_cannot_read_the_export(lab, payload, tmp_path):
+    """Server, desktop and a snooper share one L2 segment (a bridge in the server)."""
+    generate_key_file(tmp_path / "key")
+    server, desk, snoop = lab.host("srv"), lab.host("desk"), lab.host("snoop")
+    server.run(["ip", "link", "add", "br0", "type", "bridge"], check=True)
+    lab.cable(server, "p-desk", desk, "eth0")
+    lab.cable(server, "p-snoop", snoop, "eth0")
+    for port in ("p-desk", "p-snoop"):
+        server.run(["ip", "link", "set", port, "master", "br0", "up"], check=True)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, ["br0"])
+    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    ccfg = write_config(tmp_path / "client.yaml", tmp_path / "key", payload, [])
+    out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    assert out.returncode == 0, out.stderr
+    uri = json.loads(out.stdout)["nbd_uri"]
+    # the desktop authenticated and can read; the snooper, same segment, cannot
+    assert desk.run([sys.executable, "-c", NBD_READ, uri], text=False).returncode == 0
+    # same URI: the snooper's NIC is also called eth0 and sees the server's address
+    denied = snoop.run([sys.executable, "-c", NBD_READ, uri])
+    assert denied.returncode != 0
+    log = wait_for_log(tmp_path / "srv.log", "refused: it has not authenticated", srv)
+    assert snoop.link_local("eth0") in log
+
+
+def test_wrong_key_finds_no_server_and_cleans_up(lab, payload, tmp_path):
+    generate_key_file(tmp_path / "key")
+    generate_key_file(tmp_path / "other-key")
+    server, desk = lab.host("srv"), lab.host("desk")
+    lab.cable(server, "link0", desk, "eth0")
+    lab.cable(desk, "eth1", None)
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
+    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    ccfg = write_config(tmp_path / "c.yaml", tmp_path / "other-key", payload, [], timeout=2)
+    out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    assert out.returncode == 2
+    assert out.stdout == ""
+    (line,) = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+    assert "no bootlink server answered" in line and "same key" in line
+    assert not (payload / "download" / "kernel").exists()
+    assert "eth0" in desk.run(["ip", "-o", "link"]).stdout
+    assert not [n for n in _netns_names() if n.startswith("blprobe-")]
+
+
+def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
+    generate_key_file(tmp_path / "key")
+    desk = lab.host("desk")
+    lab.cable(desk, "eth0", None)  # dead: keeps its probe waiting
+    lab.cable(desk, "eth1", None)
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [], timeout=3)
+    proc = desk.popen(
+        [*BOOTLINK, "-v", "client", "--config", str(cfg), "--dry-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lab.procs.append(proc)
+    # delete eth0 while its probe namespace holds it
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not [
+        n for n in _netns_names() if n.startswith("blprobe-")
+    ]:
+        time.sleep(0.02)
+    probe_ns = [n for n in _netns_names() if n.startswith("blprobe-")]
+    assert probe_ns, "client never moved a NIC into a probe namespace"
+    for ns in probe_ns:
+        subprocess.run(["ip", "-n", ns, "link", "del", "eth0"], capture_output=True)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 2, err
+    assert "no bootlink server answered" in err
+    assert "Traceback" not in err
+    links = desk.run(["ip", "-o", "link"]).stdout
+    assert "eth1" in links and "eth0:" not in links
+    assert not [n for n in _netns_names() if n.startswith("blprobe-")]
