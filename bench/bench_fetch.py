@@ -80,8 +80,10 @@ def main() -> int:
             procs += [bee_p, ipfs_p]
             batch = swarm_src.find_batch(bee)
             ref = swarm_src.upload_file(src, bee, batch, progress=False)
-            cids = {lay: ipfs_src.add_file(src, gw, lay, progress=False)
-                    for lay in ("kubo-v1", "v1-2025")}
+            cids = {
+                lay: ipfs_src.add_file(src, gw, lay, progress=False)
+                for lay in ("kubo-v1", "v1-2025")
+            }
             data = src.read_bytes()
 
             def check() -> None:
@@ -93,7 +95,9 @@ def main() -> int:
             rows.append(("swarm plain GET /bytes", base, base))
             for mode in ("stream", "chunks"):
                 runs = args.runs if mode == "stream" else 1
-                t = timed(lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False), runs)
+                t = timed(
+                    lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False), runs
+                )
                 check()
                 rows.append((f"swarm verified ({mode})", t, base))
             for lay, cid in cids.items():
@@ -111,8 +115,10 @@ def main() -> int:
             for p in procs:
                 p.terminate()
                 p.wait()
-    print(f"{args.size_mib} MiB, median of {args.runs} runs (chunks mode: 1 run); "
-          f"BMT backend: {swarm.backend()}; {os.cpu_count()} CPUs")
+    print(
+        f"{args.size_mib} MiB, median of {args.runs} runs (chunks mode: 1 run); "
+        f"BMT backend: {swarm.backend()}; {os.cpu_count()} CPUs"
+    )
     print(f"{'download':38s} {'MB/s':>8s} {'x plain':>8s}")
     for name, t, base in rows:
         print(f"{name:38s} {size / t / 1e6:8.1f} {base / t:8.2f}")

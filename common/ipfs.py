@@ -357,7 +357,7 @@ class UnixFSData:
                 while p < len(packed):  # type: ignore[arg-type]
                     v, p = decode_varint(packed, p)  # type: ignore[arg-type]
                     sizes.append(v)
-            elif num in (5, 6, 7) and wire == 0 or num == 8 and wire == 2:
+            elif (num in (5, 6, 7) and wire == 0) or (num == 8 and wire == 2):
                 pass  # hashType, fanout, mode, mtime: metadata a file read ignores
             else:
                 raise IpfsFormatError(f"unexpected UnixFS field {num} (wire type {wire})")
@@ -419,6 +419,7 @@ class Importer:
     _buf: bytearray = field(default_factory=bytearray)
     _levels: list[list[_Entry]] = field(default_factory=lambda: [[]])
     _total: int = 0
+    root_tsize: int = 0
 
     def update(self, data: bytes) -> None:
         self._total += len(data)
@@ -479,6 +480,7 @@ class Importer:
             entries = self._levels[level]
             higher = any(self._levels[i] for i in range(level + 1, len(self._levels)))
             if not higher and len(entries) == 1:
+                self.root_tsize = entries[0].tsize  # kubo's "Size" in /api/v0/add output
                 return entries[0].cid
             if entries:
                 # Unlike Swarm, a lone trailing child is wrapped in a node of its own:

@@ -53,7 +53,12 @@ class FileEntry:
     reference: str  # "swarm:<hex>", "ipfs:<cid>", an https URL, or a URL relative to the manifest
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256, "reference": self.reference}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "reference": self.reference,
+        }
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,9 @@ def parse_envelope(data: bytes) -> Envelope:
             key, sig = bytes.fromhex(s.get("key", "")), bytes.fromhex(s.get("sig", ""))
         except (TypeError, ValueError):
             key, sig = b"", b""
-        _expect(len(key) == 32 and len(sig) == 64, f"signatures[{i}] needs a 32-byte key, 64-byte sig")
+        _expect(
+            len(key) == 32 and len(sig) == 64, f"signatures[{i}] needs a 32-byte key, 64-byte sig"
+        )
         sigs.append(Signature(key, sig))
     return Envelope(manifest, tuple(sigs))
 

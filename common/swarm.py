@@ -62,6 +62,10 @@ def _load_c_library() -> ctypes.CDLL | None:
         lib.bmt_chunk_address.restype = ctypes.c_int
         lib.bmt_keccak256.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
         lib.bmt_keccak256.restype = None
+        if not hasattr(lib, "bmt_leaf_addresses"):
+            continue  # a stale build from an older bootlink: ignore it
+        lib.bmt_leaf_addresses.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
+        lib.bmt_leaf_addresses.restype = None
         return lib
     return None
 
@@ -123,6 +127,19 @@ def chunk_address(span: int, payload: bytes) -> bytes:
         _LIB.bmt_chunk_address(span, payload, len(payload), out)
         return out.raw
     return chunk_address_py(span, payload)
+
+
+def leaf_addresses(data: bytes) -> bytes:
+    """Concatenated addresses of the data chunks `data` splits into (file order)."""
+    n = -(-len(data) // CHUNK_SIZE)
+    if _LIB is not None:
+        out = ctypes.create_string_buffer(32 * n)
+        _LIB.bmt_leaf_addresses(data, len(data), out)
+        return out.raw
+    return b"".join(
+        chunk_address(len(data[i : i + CHUNK_SIZE]), data[i : i + CHUNK_SIZE])
+        for i in range(0, len(data), CHUNK_SIZE)
+    )
 
 
 def parse_reference(text: str) -> bytes:

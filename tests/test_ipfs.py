@@ -18,7 +18,9 @@ KiB = 1024
 
 
 def test_hello_world_kubo_v0():
-    assert str(ipfs.cid_of_bytes(b"hello world\n")) == "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
+    assert (
+        str(ipfs.cid_of_bytes(b"hello world\n")) == "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
+    )
 
 
 def test_empty_file_vectors():
@@ -81,7 +83,9 @@ def test_layout_shapes(layout):
     out = b""
     for link in node.links:
         block = blocks[link.cid.multihash][1]
-        out += block if lay.raw_leaves else ipfs.UnixFSData.decode(ipfs.PBNode.decode(block).data).data
+        out += (
+            block if lay.raw_leaves else ipfs.UnixFSData.decode(ipfs.PBNode.decode(block).data).data
+        )
     assert out == data
 
 
@@ -147,11 +151,15 @@ cids = st.builds(
     st.sampled_from([0, 1]),
 )
 links = st.builds(
-    ipfs.PBLink, cids, st.one_of(st.none(), st.text(max_size=20)),
+    ipfs.PBLink,
+    cids,
+    st.one_of(st.none(), st.text(max_size=20)),
     st.one_of(st.none(), st.integers(0, 2**40)),
 )
 nodes = st.builds(
-    ipfs.PBNode, st.lists(links, max_size=5).map(tuple), st.one_of(st.none(), st.binary(max_size=50))
+    ipfs.PBNode,
+    st.lists(links, max_size=5).map(tuple),
+    st.one_of(st.none(), st.binary(max_size=50)),
 )
 
 

@@ -22,20 +22,31 @@ KERNEL = b"MZ fake bzImage " * 300
 INITRD = b"070701 fake cpio " * 500
 
 LAYOUTS = {
-    "debian-live": {"/live/vmlinuz": KERNEL, "/live/initrd.img": INITRD,
-                    "/live/filesystem.squashfs": b"hsqs"},
-    "ubuntu": {"/casper/vmlinuz": KERNEL, "/casper/initrd": INITRD,
-               "/casper/filesystem.squashfs": b"hsqs"},
-    "arch": {"/arch/boot/x86_64/vmlinuz-linux": KERNEL,
-             "/arch/boot/x86_64/initramfs-linux.img": INITRD,
-             "/arch/boot/intel-ucode.img": b"ucode"},
-    "fedora": {"/images/pxeboot/vmlinuz": KERNEL, "/images/pxeboot/initrd.img": INITRD,
-               "/LiveOS/squashfs.img": b"hsqs"},
+    "debian-live": {
+        "/live/vmlinuz": KERNEL,
+        "/live/initrd.img": INITRD,
+        "/live/filesystem.squashfs": b"hsqs",
+    },
+    "ubuntu": {
+        "/casper/vmlinuz": KERNEL,
+        "/casper/initrd": INITRD,
+        "/casper/filesystem.squashfs": b"hsqs",
+    },
+    "arch": {
+        "/arch/boot/x86_64/vmlinuz-linux": KERNEL,
+        "/arch/boot/x86_64/initramfs-linux.img": INITRD,
+        "/arch/boot/intel-ucode.img": b"ucode",
+    },
+    "fedora": {
+        "/images/pxeboot/vmlinuz": KERNEL,
+        "/images/pxeboot/initrd.img": INITRD,
+        "/LiveOS/squashfs.img": b"hsqs",
+    },
 }
 
 
 def _iso9660_name(component: str, is_file: bool) -> str:
-    base, dot, ext = component.upper().replace("-", "_").partition(".")
+    base, _, ext = component.upper().replace("-", "_").partition(".")
     return f"{base}.{ext.replace('.', '_')};1" if is_file else base
 
 
@@ -98,8 +109,12 @@ def test_pmem_mode_cmdline(tmp_path, distro):
     size_mib = -(-path.stat().st_size // (1 << 20))
     assert image.cmdline.startswith(f"memmap={size_mib}M!4096M ")
     assert image.extra["memmap"] == f"memmap={size_mib}M!4096M"
-    where = {"debian-live": "boot=live", "ubuntu": "boot=casper",
-             "arch": "archisodevice=/dev/pmem0", "fedora": "root=live:/dev/pmem0"}[distro]
+    where = {
+        "debian-live": "boot=live",
+        "ubuntu": "boot=casper",
+        "arch": "archisodevice=/dev/pmem0",
+        "fedora": "root=live:/dev/pmem0",
+    }[distro]
     assert where in image.cmdline
 
 
@@ -112,8 +127,14 @@ def test_plain_iso9660_without_rock_ridge(tmp_path):
 def test_fedora_installer_uses_stage2(tmp_path):
     files = {k: v for k, v in LAYOUTS["fedora"].items() if "LiveOS" not in k}
     path = build_iso(tmp_path / "f.iso", files, "Fedora-E-dvd")
-    image = iso.image_from_iso(path, tmp_path / "w", source="iso", locator="x", verified_by="t",
-                               location=iso.IsoLocation("U", "/f.iso"))
+    image = iso.image_from_iso(
+        path,
+        tmp_path / "w",
+        source="iso",
+        locator="x",
+        verified_by="t",
+        location=iso.IsoLocation("U", "/f.iso"),
+    )
     assert "inst.stage2=hd:LABEL=Fedora-E-dvd" in image.cmdline
 
 
@@ -127,7 +148,9 @@ def test_resolve_local_iso_with_pinned_hash(tmp_path):
     path = build_iso(tmp_path / "d.iso", LAYOUTS["ubuntu"], "UBU")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     cfg = config_from_dict({})
-    (image,) = sources.resolve(f"iso:{path}#sha256={digest}", cfg, tmp_path / "work", progress=False)
+    (image,) = sources.resolve(
+        f"iso:{path}#sha256={digest}", cfg, tmp_path / "work", progress=False
+    )
     assert image.provenance.source == "iso"
     assert "pinned" in image.provenance.verified_by
     with pytest.raises(BootlinkError, match="refused"):

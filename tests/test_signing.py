@@ -21,7 +21,9 @@ SHA = "ab" * 32
 def manifest(**kw) -> Manifest:
     files = {
         "kernel": FileEntry("vmlinuz", 10, SHA, "swarm:" + "11" * 32),
-        "initrd": FileEntry("initrd.img", 20, SHA, "ipfs:QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"),
+        "initrd": FileEntry(
+            "initrd.img", 20, SHA, "ipfs:QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
+        ),
     }
     return Manifest(kw.get("label", "Debian"), kw.get("cmdline", "root=/dev/sda1 ro"), files)
 
@@ -71,7 +73,9 @@ def test_signature_is_over_canonical_bytes_not_layout():
     env = signing.sign_manifest(manifest(), k)
     doc = json.loads(env.to_bytes())
     compact = json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
-    v = signing.verify_envelope(signing.parse_envelope(compact), [pub], allow_unsigned=False, where="x")
+    v = signing.verify_envelope(
+        signing.parse_envelope(compact), [pub], allow_unsigned=False, where="x"
+    )
     assert v.key == pub
 
 
@@ -106,7 +110,9 @@ def test_manifest_parser_refuses(mutate, match):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

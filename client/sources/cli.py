@@ -1,12 +1,12 @@
 """Subcommands for decentralised images: sign-key, ref, publish, fetch.
 
-    bootlink sign-key --key PATH             make an Ed25519 signing key, print its public key
-    bootlink ref swarm FILE                  the Swarm reference FILE gets (offline)
-    bootlink ref ipfs [--layout L] FILE      the IPFS CID FILE gets in layout L (offline)
-    bootlink publish --config F --to swarm|ipfs|dir ...
-                                             upload kernel+initrd(+rootfs) and a signed manifest
-    bootlink fetch SPEC --output F           download one file and verify it
-    bootlink fetch SPEC --image --output DIR resolve a boot image (manifest, ISO) and verify it
+bootlink sign-key --key PATH             make an Ed25519 signing key, print its public key
+bootlink ref swarm FILE                  the Swarm reference FILE gets (offline)
+bootlink ref ipfs [--layout L] FILE      the IPFS CID FILE gets in layout L (offline)
+bootlink publish --config F --to swarm|ipfs|dir ...
+                                         upload kernel+initrd(+rootfs) and a signed manifest
+bootlink fetch SPEC --output F           download one file and verify it
+bootlink fetch SPEC --image --output DIR resolve a boot image (manifest, ISO) and verify it
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("network", choices=["swarm", "ipfs"])
     p.add_argument("file", type=Path)
     p.add_argument(
-        "--layout", choices=sorted(ipfs_codec.LAYOUTS), default=ipfs_codec.DEFAULT_LAYOUT,
+        "--layout",
+        choices=sorted(ipfs_codec.LAYOUTS),
+        default=ipfs_codec.DEFAULT_LAYOUT,
         help="IPFS DAG layout (default kubo-v0, what 'ipfs add' does by default)",
     )
     p.set_defaults(func=_ref)
@@ -61,8 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="upload a boot image and its signed manifest")
     p.add_argument("--config", type=Path, help="config whose server.boot gives the files")
     p.add_argument("--to", choices=["swarm", "ipfs", "dir"], required=True)
-    p.add_argument("--api", help="Bee API (default client.bee_api) or kubo RPC API URL "
-                   f"(default {DEFAULT_IPFS_API})")
+    p.add_argument(
+        "--api",
+        help=f"Bee API (default client.bee_api) or kubo RPC API URL (default {DEFAULT_IPFS_API})",
+    )
     p.add_argument("--output", type=Path, help="--to dir: directory for files + manifest.json")
     p.add_argument("--sign-key", type=Path, help="Ed25519 key from 'bootlink sign-key'")
     p.add_argument("--unsigned", action="store_true", help="publish without a signature")
@@ -83,8 +87,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bee", help="Bee API URL (default client.bee_api)")
     p.add_argument("--gateway", help="IPFS trustless gateway URL (default client.ipfs_gateway)")
     p.add_argument("--mode", choices=ipfs.MODES, default="car", help="IPFS: one CAR or raw blocks")
-    p.add_argument("--image", action="store_true",
-                   help="SPEC names a boot image (manifest or ISO): verify it, print it as JSON")
+    p.add_argument(
+        "--swarm-mode",
+        choices=swarm.MODES,
+        default="stream",
+        help="Swarm: tree via /chunks + data via /bytes (stream), or all via /chunks",
+    )
+    p.add_argument(
+        "--image",
+        action="store_true",
+        help="SPEC names a boot image (manifest or ISO): verify it, print it as JSON",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_fetch)
 
@@ -153,12 +166,17 @@ def _publish(args: argparse.Namespace) -> int:
     signer = f"signed by key {fingerprint(public_bytes(key))}" if key else "unsigned"
     if args.to == "dir":
         print(args.output / spec)
-        print(f"wrote '{manifest.label}' ({signer}) to {args.output}: serve that directory over "
-              "https and add https://HOST/PATH/manifest.json to client.sources", file=sys.stderr)
+        print(
+            f"wrote '{manifest.label}' ({signer}) to {args.output}: serve that directory over "
+            "https and add https://HOST/PATH/manifest.json to client.sources",
+            file=sys.stderr,
+        )
         return 0
     print(spec)
-    print(f"published '{manifest.label}' ({signer}); clients: add {spec} to client.sources",
-          file=sys.stderr)
+    print(
+        f"published '{manifest.label}' ({signer}); clients: add {spec} to client.sources",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -204,16 +222,28 @@ def _fetch(args: argparse.Namespace) -> int:
     out: Path = args.output
     if kind == "swarm":
         ref = swarm_codec.parse_reference(strip_kind(args.spec, "swarm"))
-        got = swarm.fetch(ref, cfg.client.bee_api, out, timeout=cfg.client.timeout,
-                          progress=progress)
+        got = swarm.fetch(
+            ref,
+            cfg.client.bee_api,
+            out,
+            timeout=cfg.client.timeout,
+            progress=progress,
+            mode=args.swarm_mode,
+        )
         how = got.verified_by
     elif kind == "ipfs":
         try:
             cid = ipfs_codec.CID.parse(strip_kind(args.spec, "ipfs"))
         except ValueError as exc:
             raise BootlinkError(f"'{args.spec}': {exc}") from None
-        got = ipfs.fetch(cid, cfg.client.ipfs_gateway, out, mode=args.mode,
-                         timeout=cfg.client.timeout, progress=progress)
+        got = ipfs.fetch(
+            cid,
+            cfg.client.ipfs_gateway,
+            out,
+            mode=args.mode,
+            timeout=cfg.client.timeout,
+            progress=progress,
+        )
         how = got.verified_by
     elif kind in ("http", "https"):
         ws = web.WebSpec.parse(args.spec)

@@ -98,7 +98,8 @@ class _CarBlocks:
     def _fail(self, what: str):
         self.http.close()
         raise IpfsBlockError(
-            f"CAR for ipfs {self.root} from {self.http.base}: {what}; retry or try another --gateway"
+            f"CAR for ipfs {self.root} from {self.http.base}: {what}; "
+            "retry or try another --gateway"
         )
 
     def hint(self, cids) -> None:
@@ -220,7 +221,9 @@ def fetch(
     tmp = output.with_name(output.name + ".part")
     try:
         with open(tmp, "wb") as out:
-            walker = _Walker(source, out, str(http.base), max_size, progress, label or f"ipfs {root.short()}")
+            walker = _Walker(
+                source, out, str(http.base), max_size, progress, label or f"ipfs {root.short()}"
+            )
             size = walker.run(root)
             out.flush()
             os.fsync(out.fileno())
@@ -339,7 +342,11 @@ class _Walker:
 
 
 def add_file(
-    path: Path, api_url: str, layout: str = ipfs.DEFAULT_LAYOUT, *, timeout: float = 120.0,
+    path: Path,
+    api_url: str,
+    layout: str = ipfs.DEFAULT_LAYOUT,
+    *,
+    timeout: float = 120.0,
     progress: bool = True,
 ) -> CID:
     """POST the file to kubo's /api/v0/add in `layout`; check kubo's CID is ours."""
@@ -351,11 +358,13 @@ def add_file(
     boundary = "bootlink" + os.urandom(12).hex()
     name = path.name.replace('"', "_")
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
-    params = "&".join(f"{k}={v}" for k, v in {**lay.add_params(), "pin": "true", "quieter": "true"}.items())
+    params = "&".join(
+        f"{k}={v}" for k, v in {**lay.add_params(), "pin": "true", "quieter": "true"}.items()
+    )
     body = _MultipartBody(head, path, tail)
     try:
         resp = http.request(
@@ -374,7 +383,9 @@ def add_file(
         body.close()
         http.close()
     if resp.status != 200:
-        raise BootlinkError(f"IPFS API {http.base} refused {path.name}: HTTP {resp.status} {error_text(text)}")
+        raise BootlinkError(
+            f"IPFS API {http.base} refused {path.name}: HTTP {resp.status} {error_text(text)}"
+        )
     got = None
     for line in text.splitlines():
         try:

@@ -212,7 +212,8 @@ def cmdline_for(
         if info.distro == "arch":
             return f"img_dev={dev} img_loop={p} archisobasedir=arch archisolabel={info.volume_id}"
         if info.live:
-            return f"iso-scan/filename={p} root=live:CDLABEL={_dracut_label(info.volume_id)} rd.live.image"
+            label = _dracut_label(info.volume_id)
+            return f"iso-scan/filename={p} root=live:CDLABEL={label} rd.live.image"
         return f"iso-scan/filename={p} inst.stage2=hd:LABEL={_dracut_label(info.volume_id)}"
     mib = -(-iso_size // (1 << 20))
     memmap = f"memmap={mib}M!{pmem_offset >> 20}M"
@@ -245,9 +246,9 @@ def locate(path: Path) -> IsoLocation | None:
         majmin = fields[2]
         if root != "/":
             continue  # a bind mount of a subdirectory: path arithmetic would be wrong
-        if (path.as_posix() + "/").startswith(mnt.rstrip("/") + "/"):
-            if best is None or len(mnt) > len(best[0]):
-                best = (mnt, majmin)
+        inside = (path.as_posix() + "/").startswith(mnt.rstrip("/") + "/")
+        if inside and (best is None or len(mnt) > len(best[0])):
+            best = (mnt, majmin)
     if best is None:
         return None
     mnt, majmin = best

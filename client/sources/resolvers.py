@@ -103,8 +103,13 @@ def fetch_reference(
     if kind == "swarm":
         ref = swarm_codec.parse_reference(strip_kind(reference, "swarm"))
         got = swarm.fetch(
-            ref, cfg.client.bee_api, dest, timeout=timeout, progress=progress,
-            max_size=max_size, label=label,
+            ref,
+            cfg.client.bee_api,
+            dest,
+            timeout=timeout,
+            progress=progress,
+            max_size=max_size,
+            label=label,
         )
         return got.verified_by
     if kind == "ipfs":
@@ -113,20 +118,28 @@ def fetch_reference(
         except ValueError as exc:
             raise ManifestError(f"manifest reference '{reference}': {exc}") from None
         got = ipfs.fetch(
-            cid, cfg.client.ipfs_gateway, dest, timeout=timeout, progress=progress,
-            max_size=max_size, label=label,
+            cid,
+            cfg.client.ipfs_gateway,
+            dest,
+            timeout=timeout,
+            progress=progress,
+            max_size=max_size,
+            label=label,
         )
         return got.verified_by
     if kind in ("http", "https") or (base_url and not kind):
         url = urllib.parse.urljoin(base_url or "", reference)
         web.fetch(
-            url, dest, sha256=expected_sha256, timeout=timeout, progress=progress,
-            max_size=max_size, label=label,
+            url,
+            dest,
+            sha256=expected_sha256,
+            timeout=timeout,
+            progress=progress,
+            max_size=max_size,
+            label=label,
         )
         return "sha256"
-    raise ManifestError(
-        f"manifest reference '{reference}' is not swarm:, ipfs: or an http(s) URL"
-    )
+    raise ManifestError(f"manifest reference '{reference}' is not swarm:, ipfs: or an http(s) URL")
 
 
 def image_from_envelope(
@@ -223,7 +236,11 @@ def resolve_swarm(spec: str, cfg: Config, workdir: Path, progress: bool = True) 
     dest = d / "manifest.json"
     try:
         got = swarm.fetch(
-            ref, cfg.client.bee_api, dest, timeout=cfg.client.timeout, progress=False,
+            ref,
+            cfg.client.bee_api,
+            dest,
+            timeout=cfg.client.timeout,
+            progress=False,
             max_size=MAX_ENVELOPE,
         )
     except TooLarge:
@@ -233,8 +250,14 @@ def resolve_swarm(spec: str, cfg: Config, workdir: Path, progress: bool = True) 
         raise _not_manifest(spec, len(data))
     return [
         image_from_envelope(
-            spec, data, cfg, d, kind="swarm", locator=ref.hex(),
-            transport=f"Bee {got.bee} ({got.verified_by})", progress=progress,
+            spec,
+            data,
+            cfg,
+            d,
+            kind="swarm",
+            locator=ref.hex(),
+            transport=f"Bee {got.bee} ({got.verified_by})",
+            progress=progress,
         )
     ]
 
@@ -248,7 +271,11 @@ def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -
     dest = d / "manifest.json"
     try:
         got = ipfs.fetch(
-            cid, cfg.client.ipfs_gateway, dest, timeout=cfg.client.timeout, progress=False,
+            cid,
+            cfg.client.ipfs_gateway,
+            dest,
+            timeout=cfg.client.timeout,
+            progress=False,
             max_size=MAX_ENVELOPE,
         )
     except TooLarge:
@@ -258,8 +285,14 @@ def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -
         raise _not_manifest(spec, len(data))
     return [
         image_from_envelope(
-            spec, data, cfg, d, kind="ipfs", locator=str(cid),
-            transport=f"gateway {got.gateway} ({got.verified_by})", progress=progress,
+            spec,
+            data,
+            cfg,
+            d,
+            kind="ipfs",
+            locator=str(cid),
+            transport=f"gateway {got.gateway} ({got.verified_by})",
+            progress=progress,
         )
     ]
 
@@ -278,7 +311,11 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
     limit = MAX_BOOT_FILE if ws.sha256 else MAX_ENVELOPE
     try:
         got = web.fetch(
-            ws.url, dest, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress,
+            ws.url,
+            dest,
+            sha256=ws.sha256,
+            timeout=cfg.client.timeout,
+            progress=progress,
             max_size=limit,
         )
     except TooLarge:
@@ -289,8 +326,15 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
     if head and looks_like_envelope(head):
         return [
             image_from_envelope(
-                spec, head, cfg, d, kind="web", locator=ws.url,
-                transport=f"{ws.url}", base_url=ws.url, pinned=ws.sha256 is not None,
+                spec,
+                head,
+                cfg,
+                d,
+                kind="web",
+                locator=ws.url,
+                transport=f"{ws.url}",
+                base_url=ws.url,
+                pinned=ws.sha256 is not None,
                 progress=progress,
             )
         ]
@@ -300,7 +344,10 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
         iso_path = dest.rename(d / "image.iso")
         return [
             iso.image_from_iso(
-                iso_path, d, source="web", locator=ws.url,
+                iso_path,
+                d,
+                source="web",
+                locator=ws.url,
                 verified_by=f"sha256 {ws.sha256[:16]}... pinned in the source spec",
             )
         ]
@@ -327,14 +374,19 @@ def resolve_iso(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
         web.fetch(ws.url, dest, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress)
         return [
             iso.image_from_iso(
-                dest, d, source="iso", locator=ws.url,
+                dest,
+                d,
+                source="iso",
+                locator=ws.url,
                 verified_by=f"sha256 {ws.sha256[:16]}... pinned in the source spec",
             )
         ]
     path_text, _, frag = rest.partition("#")
     path = Path(path_text)
     if not path.is_file():
-        raise BootlinkError(f"{spec}: no such ISO file {path}; check the path (is the disk mounted?)")
+        raise BootlinkError(
+            f"{spec}: no such ISO file {path}; check the path (is the disk mounted?)"
+        )
     verified_by = "local file named in the config"
     if frag:
         pinned = web.sha256_from_fragment(frag, spec)
@@ -347,8 +399,11 @@ def resolve_iso(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
     d = spec_dir(workdir, spec, "iso")
     return [
         iso.image_from_iso(
-            path, d, source="iso", locator=str(path), verified_by=verified_by,
+            path,
+            d,
+            source="iso",
+            locator=str(path),
+            verified_by=verified_by,
             location=iso.locate(path),
         )
     ]
-

@@ -261,53 +261,86 @@ def _fetch_stream(
     workers: int,
     prog: Progress | None,
 ) -> int:
-    leaves, count = _leaf_addresses(bee, root, span, payload, workers)
-    resp = bee.http.request("GET", f"/bytes/{root.hex()}")
+    """Tree via /chunks and data via /bytes, concurrently; compare addresses at the end.
+
+    The data chunks' addresses are computed from the stream as it arrives (the expensive
+    part, in parallel) while another thread fetches and verifies the tree that says what
+    they must be. Nothing is renamed into place before every address matched.
+    """
+    n_leaves = -(-span // swarm.CHUNK_SIZE)
     url = bee.http.url(f"/bytes/{root.hex()}")
-    if resp.status != 200:
-        body = resp.read(4096)
-        bee.close()
-        raise SwarmChunkError(
-            f"{url}: HTTP {resp.status} {error_text(body)}; try another --bee or --swarm-mode chunks"
-        )
-
-    def check(batch: list[tuple[bytes, int, int]], data: bytes, start: int) -> None:
-        for addr, off, sub in batch:
-            piece = data[off - start : off - start + sub]
-            if swarm.chunk_address(sub, piece) != addr:
-                raise SwarmChunkError(
-                    f"swarm chunk {addr.hex()} (file bytes {off}-{off + sub - 1}) from {url} "
-                    "does not hash to its address: the node is lying or corrupt; try another --bee"
-                )
-        os.pwrite(fd, data, start)
-
-    batch_chunks = 64  # 256 KiB per hashing job
+    stream = HttpClient(bee.http.base, bee.http.timeout)
+    computed = bytearray(32 * n_leaves)
+    batch = 64 * swarm.CHUNK_SIZE  # 256 KiB per hashing job
     hashers = max(2, os.cpu_count() or 2)
-    pending: list[Future] = []
-    try:
-        with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
-            for i in range(0, len(leaves), batch_chunks):
-                batch = leaves[i : i + batch_chunks]
-                start = batch[0][1]
-                want = batch[-1][1] + batch[-1][2] - start
-                try:
-                    data = resp.read(want)
-                except (OSError, http_client_errors()) as exc:
-                    raise SwarmChunkError(f"{url}: stream broke at byte {start}: {exc}") from None
-                if len(data) != want:
-                    raise SwarmChunkError(
-                        f"{url}: stream ended at byte {start + len(data)} of {span}: "
-                        "truncated; retry or try another --bee"
-                    )
-                pending.append(pool.submit(check, batch, data, start))
-                if prog:
-                    prog.advance(want)
-                while len(pending) > hashers * 2 or (pending and pending[0].done()):
-                    pending.pop(0).result()
-            for fut in pending:
-                fut.result()
-    finally:
-        bee.close()  # whatever is left unread on the connection is not reused
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-tree") as tree_pool:
+        tree = tree_pool.submit(_leaf_addresses, bee, root, span, payload, workers)
+        try:
+            resp = stream.request("GET", f"/bytes/{root.hex()}")
+        except HttpError as exc:
+            raise SwarmChunkError(f"{exc}; try another --bee or --swarm-mode chunks") from None
+        if resp.status != 200:
+            body = resp.read(4096)
+            stream.close()
+            raise SwarmChunkError(
+                f"{url}: HTTP {resp.status} {error_text(body)}; try another --bee "
+                "or --swarm-mode chunks"
+            )
+        try:
+            with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
+                pending: list[tuple[int, Future]] = []
+                for start in range(0, span, batch):
+                    want = min(batch, span - start)
+                    try:
+                        data = resp.read(want)
+                    except (OSError, http_client_errors()) as exc:
+                        raise SwarmChunkError(
+                            f"{url}: stream broke at byte {start}: {exc}"
+                        ) from None
+                    if len(data) != want:
+                        raise SwarmChunkError(
+                            f"{url}: stream ended at byte {start + len(data)} of {span}: "
+                            "truncated; retry or try another --bee"
+                        )
+                    os.pwrite(fd, data, start)
+                    pending.append((start, pool.submit(swarm.leaf_addresses, data)))
+                    if prog:
+                        prog.advance(want)
+                    while len(pending) > hashers * 2 or (pending and pending[0][1].done()):
+                        first, fut = pending.pop(0)
+                        i = first // swarm.CHUNK_SIZE
+                        addrs = fut.result()
+                        computed[32 * i : 32 * i + len(addrs)] = addrs
+                for first, fut in pending:
+                    i = first // swarm.CHUNK_SIZE
+                    addrs = fut.result()
+                    computed[32 * i : 32 * i + len(addrs)] = addrs
+        finally:
+            stream.close()  # whatever is left unread on the connection is not reused
+        leaves, count = tree.result()
+    expected = bytearray()
+    for i, (addr, off, sub) in enumerate(leaves):
+        if off != i * swarm.CHUNK_SIZE or sub != min(swarm.CHUNK_SIZE, span - off):
+            raise SwarmChunkError(
+                f"swarm chunk {addr.hex()} from {bee.url} sits at byte {off} with span {sub}: "
+                "the tree is malformed"
+            )
+        expected += addr
+    if len(leaves) != n_leaves:
+        raise SwarmChunkError(f"swarm tree of {root.hex()} from {bee.url} is malformed")
+    if expected != computed:
+        i = next(
+            i
+            for i in range(n_leaves)
+            if expected[32 * i : 32 * i + 32] != computed[32 * i : 32 * i + 32]
+        )
+        off = i * swarm.CHUNK_SIZE
+        end = min(off + swarm.CHUNK_SIZE, span) - 1
+        raise SwarmChunkError(
+            f"swarm chunk {expected[32 * i : 32 * i + 32].hex()} (file bytes {off}-{end}) "
+            f"from {url} does not hash to its address: the node is lying or corrupt; "
+            "try another --bee"
+        )
     return count + len(leaves)
 
 

@@ -114,7 +114,9 @@ def fetch(
                 try:
                     block = resp.read1(1 << 20)
                 except (OSError, ValueError) as exc:
-                    raise BootlinkError(f"download of {url} broke after {size} bytes: {exc}") from None
+                    raise BootlinkError(
+                        f"download of {url} broke after {size} bytes: {exc}"
+                    ) from None
                 if not block:
                     break
                 size += len(block)

@@ -122,7 +122,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         try:
             cid = ipfs.CID.parse(cid_text)
         except ValueError as exc:
-            self._text_error(400, f"invalid path \"/ipfs/{cid_text}\": {exc}")
+            self._text_error(400, f'invalid path "/ipfs/{cid_text}": {exc}')
             return
         fmt = (query.get("format") or [""])[0]
         accept = self.headers.get("Accept", "")
@@ -210,9 +210,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         body = self._body()
         if url.path != "/api/v0/add":
-            self._send(
-                404, b"404 page not found\n", "text/plain; charset=utf-8"
-            )
+            self._send(404, b"404 page not found\n", "text/plain; charset=utf-8")
             return
         q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         try:
@@ -235,8 +233,12 @@ class GatewayHandler(BaseHTTPRequestHandler):
         self.send_header("X-Chunked-Output", "1")
         self.send_header("Trailer", "X-Stream-Error")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Access-Control-Allow-Headers", "X-Stream-Output, X-Chunked-Output, X-Content-Length")
-        self.send_header("Access-Control-Expose-Headers", "X-Stream-Output, X-Chunked-Output, X-Content-Length")
+        self.send_header(
+            "Access-Control-Allow-Headers", "X-Stream-Output, X-Chunked-Output, X-Content-Length"
+        )
+        self.send_header(
+            "Access-Control-Expose-Headers", "X-Stream-Output, X-Chunked-Output, X-Content-Length"
+        )
         self.end_headers()
         self._chunk(line.encode())
         self.wfile.write(b"0\r\n\r\n")
@@ -283,9 +285,7 @@ def _layout_from_query(q: dict[str, str]) -> ipfs.Layout:
 def _multipart_file(ctype: str, body: bytes) -> tuple[str, bytes]:
     if not ctype.startswith("multipart/form-data"):
         raise ValueError("file argument 'path' is required")
-    params = dict(
-        p.strip().split("=", 1) for p in ctype.split(";")[1:] if "=" in p
-    )
+    params = dict(p.strip().split("=", 1) for p in ctype.split(";")[1:] if "=" in p)
     boundary = params.get("boundary", "").strip('"').encode()
     if not boundary:
         raise ValueError("multipart boundary missing")
