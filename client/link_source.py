@@ -81,7 +81,11 @@ def _find(cfg: Config, key: SharedKey, deadline: float) -> Found:
         nics = net.list_nics(ipr, cfg.link.interfaces)
     log.info("probing %s in parallel", ", ".join(n.name for n in nics) or "no NICs")
     params = ProbeParams(
-        key.subkey(Purpose.DISCOVERY), cfg.link.discovery_port, cfg.link.mtu, deadline
+        key.subkey(Purpose.DISCOVERY),
+        cfg.link.discovery_port,
+        cfg.link.mtu,
+        deadline,
+        k_trig=key.subkey(Purpose.TRIGGER),
     )
     return probe_all(nics, params)
 

@@ -46,6 +46,7 @@ class ProbeParams:
     port: int
     mtu: int
     deadline: float
+    k_trig: bytes | None = None  # if set, ask laptops running autokexec to become servers
 
 
 class NoServerFound(BootlinkError):
@@ -191,10 +192,40 @@ def _exchange(sock, nic, params: ProbeParams, cancel, start) -> Found | None:
             data, src = sock.recvfrom(wire.MAX_DATAGRAM)
         except TimeoutError:
             continue
+        if len(data) > 4 and data[4] == wire.T_TRIGGER_OFFER:
+            _answer_trigger_offer(sock, data, src, nonces, params, nic.name)
+            continue
         offer = _check_answer(data, src, nonces, params.k_disc, nic.name)
         if offer is not None:
             return Found(nic, src[0].split("%", 1)[0], offer, time.monotonic() - start)
     return None
+
+
+def _answer_trigger_offer(sock, data, src, nonces, params: ProbeParams, ifname: str) -> None:
+    """A laptop in its normal OS offers to kexec into the server ramdisk: accept once.
+
+    Probing goes on: the real server answers from the ramdisk a few seconds later.
+    """
+    if params.k_trig is None:
+        return
+    nonce = data[5 : 5 + wire.NONCE_SIZE]
+    if nonce not in nonces:
+        log.info("%s: ignoring trigger offer from %s for a nonce we never sent", ifname, src[0])
+        return
+    try:
+        offer = wire.decode_trigger_offer(params.k_trig, nonce, data)
+    except ProtocolError as exc:
+        log.info("%s: ignoring trigger offer from %s: %s", ifname, src[0], exc)
+        return
+    nonces.discard(nonce)  # one trigger per offer
+    with contextlib.suppress(OSError):
+        sock.sendto(wire.encode_trigger(params.k_trig, offer.challenge), src)
+    log.info(
+        "%s: asked laptop %s (%s) to start the bootlink server; waiting for it",
+        ifname,
+        src[0],
+        offer.name or "unnamed",
+    )
 
 
 def _check_answer(data, src, nonces, k_disc, ifname) -> wire.ServerOffer | None:

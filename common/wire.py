@@ -9,6 +9,15 @@ Discovery (UDP, to ff02::1 on each probed NIC):
     answer = MAGIC | 0x02 | client_nonce[16] | server_nonce[16] | EAX(k_disc, server_nonce,
              header = MAGIC|0x02|client_nonce, json{http_port, nbd_port, challenge, name})
 
+Remote trigger (UDP, same port: the laptop's normal OS runs `bootlink autokexec`, which
+answers probes so that a desktop can ask it to kexec into the server ramdisk):
+    offer   = MAGIC | 0x05 | client_nonce[16] | server_nonce[16] | EAX(k_trig, server_nonce,
+              header = MAGIC|0x05|client_nonce, json{challenge, name})
+    trigger = MAGIC | 0x06 | challenge[16] | nonce[16] | EAX(k_trig, nonce,
+              header = MAGIC|0x06|challenge, json{action: "kexec-server"})
+    The autokexec accepts each challenge once and only for a short time: a recorded
+    trigger replayed later finds its challenge spent.
+
 Boot transfer (HTTP POST /v1/boot):
     request  = MAGIC | 0x03 | request_nonce[16] | EAX(k_xfer, request_nonce,
                header = MAGIC|0x03, json{challenge, want})
@@ -41,6 +50,8 @@ T_PROBE = 0x01
 T_ANSWER = 0x02
 T_BOOT_REQUEST = 0x03
 T_FRAME = 0x04
+T_TRIGGER_OFFER = 0x05
+T_TRIGGER = 0x06
 
 FLAG_LAST = 0x01
 FRAME_HEAD = struct.Struct(">IB")  # sealed length, flags
@@ -116,6 +127,62 @@ def decode_answer(k_disc: bytes, expected_nonce: bytes, datagram: bytes) -> Serv
         raise ProtocolError(f"answer body malformed: {exc}") from None
     _need(len(offer.challenge) == CHALLENGE_SIZE, "answer challenge has the wrong length")
     return offer
+
+
+# --- remote trigger (autokexec) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TriggerOffer:
+    challenge: bytes
+    name: str = ""
+
+
+def encode_trigger_offer(k_trig: bytes, client_nonce: bytes, offer: TriggerOffer) -> bytes:
+    server_nonce = new_nonce()
+    header = MAGIC + bytes([T_TRIGGER_OFFER]) + client_nonce
+    body = _json_bytes({"challenge": offer.challenge.hex(), "name": offer.name})
+    return header + server_nonce + eax.seal(k_trig, server_nonce, body, header)
+
+
+def decode_trigger_offer(k_trig: bytes, expected_nonce: bytes, datagram: bytes) -> TriggerOffer:
+    _need(len(datagram) >= 5 + 2 * NONCE_SIZE + eax.TAG_SIZE, "trigger offer too short")
+    _need(datagram[:4] == MAGIC and datagram[4] == T_TRIGGER_OFFER, "not a trigger offer")
+    header, rest = datagram[: 5 + NONCE_SIZE], datagram[5 + NONCE_SIZE :]
+    if header[5:] != expected_nonce:
+        raise ProtocolError("trigger offer binds another probe's nonce (replayed or stale)")
+    try:
+        body = eax.open_(k_trig, rest[:NONCE_SIZE], rest[NONCE_SIZE:], header)
+    except eax.InvalidTag:
+        raise ProtocolError("trigger offer not sealed with our key") from None
+    obj = _json_obj(body, "trigger offer")
+    try:
+        offer = TriggerOffer(bytes.fromhex(obj["challenge"]), str(obj.get("name", "")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"trigger offer malformed: {exc}") from None
+    _need(len(offer.challenge) == CHALLENGE_SIZE, "trigger challenge has the wrong length")
+    return offer
+
+
+def encode_trigger(k_trig: bytes, challenge: bytes) -> bytes:
+    nonce = new_nonce()
+    header = MAGIC + bytes([T_TRIGGER]) + challenge
+    body = _json_bytes({"action": "kexec-server"})
+    return header + nonce + eax.seal(k_trig, nonce, body, header)
+
+
+def decode_trigger(k_trig: bytes, datagram: bytes) -> bytes:
+    """Return the challenge an authentic trigger redeems (the caller checks it is live)."""
+    _need(len(datagram) >= 5 + CHALLENGE_SIZE + NONCE_SIZE + eax.TAG_SIZE, "trigger too short")
+    _need(datagram[:4] == MAGIC and datagram[4] == T_TRIGGER, "not a trigger")
+    header = datagram[: 5 + CHALLENGE_SIZE]
+    nonce = datagram[5 + CHALLENGE_SIZE : 5 + CHALLENGE_SIZE + NONCE_SIZE]
+    try:
+        body = eax.open_(k_trig, nonce, datagram[5 + CHALLENGE_SIZE + NONCE_SIZE :], header)
+    except eax.InvalidTag:
+        raise ProtocolError("trigger not sealed with our key") from None
+    _need(_json_obj(body, "trigger").get("action") == "kexec-server", "trigger action unknown")
+    return header[5:]
 
 
 # --- boot request ---------------------------------------------------------------------------

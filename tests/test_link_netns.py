@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from netlab import BOOTLINK, Lab, wait_for_log
 
 from bootlink.common import wire
 from bootlink.common.keys import Purpose, generate_key_file
-from netlab import BOOTLINK, Lab, wait_for_log
 
 pytestmark = pytest.mark.netns
 
@@ -136,7 +136,7 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
     links = desk.run(["ip", "-o", "link"]).stdout
     for nic in ("a-impostor", "b-replay", "c-dead", "d-real"):
         assert nic in links
-    assert not [n for n in _netns_names() if n.startswith(f"blprobe-")], _netns_names()
+    assert not [n for n in _netns_names() if n.startswith("blprobe-")], _netns_names()
 
     # The export serves the disk's exact bytes through libnbd's URI, from the desktop.
     read = desk.run([sys.executable, "-c", NBD_READ, plan["nbd_uri"]], text=False)

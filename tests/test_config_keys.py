@@ -1,0 +1,119 @@
+"""Config validation and key-file safety: every bad input is one line naming the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootlink.cli import main
+from bootlink.common.config import load_config, parse_config
+from bootlink.common.errors import ConfigError, KeyFileError
+from bootlink.common.keys import Purpose, generate_key_file, load_key_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    cfg = load_config(REPO / "config-example.yaml")
+    text = (REPO / "config-example.yaml").read_text()
+    import dataclasses
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            if f.name == "source":
+                continue
+            value = getattr(obj, f.name)
+            yield prefix + f.name
+            if dataclasses.is_dataclass(value):
+                yield from keys(value, prefix + f.name + ".")
+
+    for key in keys(cfg):
+        assert f"{key.rsplit('.', 1)[-1]}:" in text, f"config-example.yaml lacks {key}"
+
+
+def test_defaults_and_contract_keys():
+    cfg = parse_config("")
+    assert cfg.key == "/etc/bootlink/key"
+    assert cfg.link.interfaces == [] and cfg.link.mtu == 1500
+    assert cfg.server.read_only is False and cfg.server.boot.kernel == "/boot/vmlinuz"
+    assert cfg.client.timeout == 30 and cfg.client.sources == ["link"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("link: {mtu: big}", "'link.mtu' must be a whole number"),
+        ("link: {mtu: 500}", "'link.mtu' must be 1280..65535"),
+        ("link: {interfaces: eth0}", "'link.interfaces' must be a list"),
+        ("server: {read_only: yes please}", "'server.read_only' must be true or false"),
+        ("server: {boot: {kernal: /x}}", "unknown key 'server.boot.kernal'"),
+        ("clinet: {}", "unknown key 'clinet'"),
+        ("client: {timeout: 0}", "'client.timeout' must be > 0"),
+        ("link: [1, 2]", "link must be a mapping"),
+        ("key: [unclosed", "is not valid YAML"),
+        ("link: {nbd_port: 70000}", "'link.nbd_port' must be 1..65535"),
+    ],
+)
+def test_config_errors_name_key_and_fix(text, needle):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, source="cfg.yaml")
+    msg = str(ei.value)
+    assert needle in msg and msg.startswith("cfg.yaml") and "\n" not in msg
+
+
+def test_missing_config_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"copy config-example\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_keygen_mode_and_reload(tmp_path):
+    path = tmp_path / "key"
+    old = os.umask(0)
+    try:
+        key = generate_key_file(path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_key_file(path) == key
+    assert key.subkey(Purpose.DISCOVERY) != key.subkey(Purpose.TRANSFER)
+    assert key.secret.hex() not in repr(key)
+    with pytest.raises(KeyFileError, match="--force"):
+        generate_key_file(path)
+
+
+@pytest.mark.parametrize(
+    ("mode", "content", "needle"),
+    [
+        (0o640, os.urandom(32), "chmod 600"),
+        (0o604, os.urandom(32), "chmod 600"),
+        (0o600, os.urandom(31), "holds 31 bytes"),
+        (0o600, os.urandom(33), "holds 33 bytes"),
+    ],
+)
+def test_unsafe_or_malformed_key_refused(tmp_path, mode, content, needle):
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    path.chmod(mode)
+    with pytest.raises(KeyFileError, match=needle):
+        load_key_file(path)
+
+
+def test_every_command_refuses_a_bad_key_with_one_line(tmp_path, capsys):
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"key: {key}\nserver: {{disk: {tmp_path / 'disk'}}}\n")
+    for cmd in (["server"], ["client", "--dry-run"]):
+        assert main([*cmd, "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "chmod 600" in err[0], err
+
+
+def test_keygen_cli(tmp_path, capsys):
+    assert main(["keygen", "--key", str(tmp_path / "k")]) == 0
+    assert "key id" in capsys.readouterr().out
+    assert main(["keygen", "--key", str(tmp_path / "k")]) == 2
+    assert main(["keygen", "--key", str(tmp_path / "missing-dir" / "k")]) == 2
