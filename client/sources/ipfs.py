@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import collections
 import http.client
+import io
 import json
 import logging
 import os
+import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +65,8 @@ class _CarBlocks:
     def __init__(self, http: HttpClient, root: CID, max_buffer: int = 256 << 20) -> None:
         self.http, self.root, self.max_buffer = http, root, max_buffer
         self.url = http.url(f"/ipfs/{root}?format=car")
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ipfs-hash")
         try:
             resp = http.request(
                 "GET",
@@ -70,33 +74,58 @@ class _CarBlocks:
                 headers={"Accept": CAR_ACCEPT},
             )
         except HttpError as exc:
+            self.close()
             raise BootlinkError(f"ipfs gateway: {exc}") from None
         if resp.status != 200:
             body = resp.read(4096)
-            http.close()
+            self.close()
             raise IpfsBlockError(
                 f"ipfs {root} from {http.base}: HTTP {resp.status} {error_text(body)}; "
                 "is the CID pinned/reachable there? try another --gateway"
             )
         ctype = resp.getheader("Content-Type", "")
         if not ctype.startswith("application/vnd.ipld.car"):
-            http.close()
+            self.close()
             raise IpfsBlockError(
                 f"{http.base} answered {ctype or 'no content type'} instead of a CAR: it is "
                 "not a trustless gateway; use another --gateway or --mode raw"
             )
         self.resp = resp
         try:
-            self.reader = ipfs.CarReader(resp)
+            # Section headers are read a few bytes at a time: buffer them, not the socket.
+            self.reader = ipfs.CarReader(io.BufferedReader(resp, buffer_size=1 << 20))
         except (ValueError, http.client.HTTPException, OSError) as exc:
             self._fail(f"broken CAR header ({exc})")
-        self.sections = iter(self.reader)
         self.received = 0
         self.buffer: dict[bytes, bytes] = {}
         self.buffered = 0
+        # Reading and hashing overlap: a pump thread parses sections and hands each to a
+        # hashing pool (hashlib drops the GIL); get() takes the results in stream order.
+        self._queue: queue.Queue = queue.Queue(maxsize=32)
+        self._pump_thread = threading.Thread(target=self._pump, name="ipfs-car", daemon=True)
+        self._pump_thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pump(self) -> None:
+        try:
+            for got, block in self.reader:
+                fut = self._pool.submit(_checked, got, block)
+                if not self._put(fut):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to get(), which turns it into one line
+            self._put(exc)
 
     def _fail(self, what: str):
-        self.http.close()
+        self.close()
         raise IpfsBlockError(
             f"CAR for ipfs {self.root} from {self.http.base}: {what}; "
             "retry or try another --gateway"
@@ -112,20 +141,23 @@ class _CarBlocks:
             self.buffered -= len(block)
             return block
         while True:
-            try:
-                got, block = next(self.sections)
-            except StopIteration:
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)  # stays at end of stream for later calls
                 self._fail(
                     f"the stream ended before block {cid} ({self.received} blocks received): "
                     "truncated response"
                 )
-            except ipfs.CarTruncated as exc:
-                self._fail(f"truncated response ({exc})")
-            except (ValueError, http.client.HTTPException, OSError) as exc:
-                self._fail(f"broken stream after {self.received} blocks ({exc})")
+            if isinstance(item, ipfs.CarTruncated):
+                self._fail(f"truncated response ({item})")
+            if isinstance(item, ValueError | http.client.HTTPException | OSError):
+                self._fail(f"broken stream after {self.received} blocks ({item})")
+            if isinstance(item, BaseException):
+                raise item
+            got, block, ok = item.result()
             self.received += 1
-            if not got.verify(block):
-                self.http.close()
+            if not ok:
+                self.close()
                 raise IpfsBlockError(
                     f"ipfs block {got} from {self.http.base} does not match its CID: the "
                     "gateway is lying or corrupt; try another --gateway"
@@ -142,8 +174,15 @@ class _CarBlocks:
                 )
 
     def close(self) -> None:
-        # Leftover bytes after the DAG is complete: ignore them, drop the connection.
+        # Leftover bytes after the DAG is complete: ignore them, drop the connection
+        # (which also ends a pump thread blocked on the socket).
+        self._stop.set()
         self.http.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _checked(cid: CID, block: bytes) -> tuple[CID, bytes, bool]:
+    return cid, block, cid.verify(block)
 
 
 class _RawBlocks:
