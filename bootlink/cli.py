@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "bootlink.server.cli",
     "bootlink.client.cli",
     "bootlink.client.sources.cli",
+    "bootlink.ramdisk.cli",
 ]
 
 
