@@ -116,23 +116,17 @@ def _probe_one(nic, params, home, cancel, results, start) -> None:
     ns = f"blprobe-{os.getpid()}-{nic.index}"
     problem = ""
     try:
-        net.create_netns(ns)
-        try:
-            with IPRoute() as ipr:
-                net.move_to_netns(ipr, nic, ns)
+        with IPRoute() as home_ipr, net.private_netns(ns):
+            net.move_to_netns(home_ipr, nic, ns)
             try:
-                with net.in_netns(ns):
-                    found = _probe_inside(nic, params, cancel, start)
+                found = _probe_inside(nic, params, cancel, start)
             finally:
-                with net.in_netns(ns):
-                    _return_home(nic, home)
-            if found is not None:
-                results.put(("found", found))
-                return
-            if not cancel.is_set():
-                problem = f"{nic.name}: no answer"
-        finally:
-            net.remove_netns(ns)
+                _return_home(nic, home)
+        if found is not None:
+            results.put(("found", found))
+            return
+        if not cancel.is_set():
+            problem = f"{nic.name}: no answer"
     except (BootlinkError, OSError) as exc:
         problem = f"{nic.name}: {exc}"
         log.info("probe on %s stopped: %s", nic.name, exc)

@@ -62,20 +62,21 @@ def fetch_boot_payload(
         conn.close()
 
 
-def _safe_read(resp):
-    def read(n: int) -> bytes:
-        try:
-            return resp.read(n)
-        except http.client.IncompleteRead as exc:
-            return exc.partial
-        except OSError:  # reset/timeout mid-stream reads as truncation
-            return b""
+class _Body:
+    """The HTTP body as a `readinto` stream where a broken connection reads as its end."""
 
-    return read
+    def __init__(self, resp: http.client.HTTPResponse) -> None:
+        self._resp = resp
+
+    def readinto(self, buf) -> int:
+        try:
+            return self._resp.readinto(buf)
+        except (http.client.IncompleteRead, OSError):
+            return 0
 
 
 def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
-    reader = wire.FrameReader(k_sess, _safe_read(resp))
+    reader = wire.FrameReader(k_sess, _Body(resp))
     first, last = reader.next()
     manifest = wire.BootManifest.from_bytes(first)
     names = [f.name for f in manifest.files]
@@ -86,14 +87,15 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
     bar = Progress("download", manifest.payload_size) if progress else None
     parts = {n: dest / f"{n}.part" for n in names}
     try:
-        pending = b""
+        pending = memoryview(b"")  # slices of a memoryview copy nothing
         for entry in manifest.files:
             h = hashlib.sha256()
             got = 0
             with open(parts[entry.name], "wb") as out:
                 while got < entry.size:
                     if not pending:
-                        pending, last = reader.next()
+                        body, last = reader.next()
+                        pending = memoryview(body)
                         if last:
                             raise ProtocolError(f"stream ended inside {entry.name}")
                     take = pending[: entry.size - got]

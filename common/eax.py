@@ -103,5 +103,5 @@ def open_(key: bytes, nonce: bytes, sealed: bytes, header: bytes = b"") -> bytes
         raise InvalidTag("sealed message shorter than its tag")
     dec = Decryptor(key, nonce, header)
     plaintext = dec.update(sealed[:-TAG_SIZE])
-    dec.verify(sealed[-TAG_SIZE:])
+    dec.verify(bytes(sealed[-TAG_SIZE:]))
     return plaintext

@@ -300,11 +300,13 @@ def seal_frame(k_sess: bytes, counter: int, flags: int, body: bytes) -> bytes:
 
 
 class FrameReader:
-    """Opens frames in order from a byte stream (`read(n)` like a file or HTTP response)."""
+    """Opens frames in order from a byte stream (anything with `readinto`, like a file or
+    an HTTP response). Each frame is read into one buffer of its exact size: reading a
+    1 MiB frame in socket-sized pieces must not allocate a megabyte per piece."""
 
-    def __init__(self, k_sess: bytes, read) -> None:
+    def __init__(self, k_sess: bytes, stream) -> None:
         self._key = k_sess
-        self._read = read
+        self._stream = stream
         self.counter = 0
         self.finished = False
 
@@ -332,16 +334,20 @@ class FrameReader:
         self.finished = bool(flags & FLAG_LAST)
         return body, self.finished
 
-    def _read_exact(self, n: int, what: str) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._read(n - len(buf))
-            if not chunk:
+    def _read_exact(self, n: int, what: str) -> memoryview:
+        buf = memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            try:
+                k = self._stream.readinto(buf[got:])
+            except OSError:  # reset or timeout mid-stream: the same as a cut
+                k = 0
+            if not k:
                 raise ProtocolError(
                     f"stream truncated in {what} after frame {self.counter} (link lost?)"
                 )
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf
 
 
 # --- helpers --------------------------------------------------------------------------------
