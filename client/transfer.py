@@ -19,6 +19,7 @@ from pathlib import Path
 from bootlink.common import wire
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.log import Progress
+from bootlink.common.pipeline import ordered_map
 
 log = logging.getLogger("bootlink.client.transfer")
 
@@ -86,6 +87,11 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
     _check_space(dest, manifest.payload_size)
     bar = Progress("download", manifest.payload_size) if progress else None
     parts = {n: dest / f"{n}.part" for n in names}
+    # Frames are opened a few at a time on worker threads, consumed here in order.
+    frames = ordered_map(
+        lambda raw: (wire.open_frame(k_sess, raw), bool(raw.flags & wire.FLAG_LAST)),
+        reader.raw_frames(),
+    )
     try:
         pending = memoryview(b"")  # slices of a memoryview copy nothing
         for entry in manifest.files:
@@ -94,7 +100,7 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
             with open(parts[entry.name], "wb") as out:
                 while got < entry.size:
                     if not pending:
-                        body, last = reader.next()
+                        body, last = next(frames)
                         pending = memoryview(body)
                         if last:
                             raise ProtocolError(f"stream ended inside {entry.name}")
@@ -109,7 +115,7 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
                 raise ProtocolError(f"{entry.name} does not match its sealed SHA-256")
         if pending:
             raise ProtocolError("stream carries more data than the manifest announced")
-        tail, last = reader.next()
+        tail, last = next(frames, (b"", False))
         if tail or not last:
             raise ProtocolError("stream carries more data than the manifest announced")
         if bar:
@@ -120,6 +126,7 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
             os.replace(part, final[n])
         return Received(manifest, final)
     finally:
+        frames.close()
         for part in parts.values():
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()

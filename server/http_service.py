@@ -9,8 +9,8 @@ the client refuses it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +19,10 @@ from pathlib import Path
 
 from bootlink.common import eax, wire
 from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.pipeline import ordered_map
 
 from .discovery import ChallengeBook
+from .payload import Stamp
 
 log = logging.getLogger("bootlink.server.http")
 
@@ -37,26 +39,43 @@ class BootService:
     file_paths: dict[str, Path]
     link_ifindexes: Callable[[], set[int]]
     on_authenticated: Callable[[str, int], None]  # (client address, ifindex)
+    hashed_stamp: Callable[[str], Stamp | None]  # file identity when its hash was taken
 
     def frames(self, challenge: bytes, request_nonce: bytes, manifest: wire.BootManifest):
-        """Yield the sealed response frames; raises BootlinkError to cut the stream."""
+        """Yield the sealed response frames; raises BootlinkError to cut the stream.
+
+        Chunks are read (and re-hashed, to catch a file changing under us) here, and
+        sealed a few at a time on worker threads (common/pipeline.py)."""
         k_sess = wire.session_key(self.k_xfer, challenge, request_nonce)
         yield wire.seal_frame(k_sess, 0, 0, manifest.to_bytes())
+        yield from ordered_map(lambda item: wire.seal_frame(k_sess, *item), self._chunks(manifest))
+
+    def _chunks(self, manifest: wire.BootManifest):
+        """(counter, flags, plaintext) for every payload frame, then the empty last one.
+
+        The manifest's SHA-256 was computed when the file last changed (payload.BootFiles);
+        instead of hashing every byte again while sending, the file's identity (size,
+        mtime, inode) must be the one it had when hashed, before and after sending: a file
+        replaced or rewritten cuts the stream before its last frame, and the client's own
+        hash check catches anything else.
+        """
         counter = 1
         for entry in manifest.files:
-            h = hashlib.sha256()
+            path = self.file_paths[entry.name]
             sent = 0
-            with open(self.file_paths[entry.name], "rb") as f:
+            with open(path, "rb") as f:
+                before = Stamp.of(os.fstat(f.fileno()))
                 while chunk := f.read(manifest.chunk_size):
                     sent += len(chunk)
                     if sent > entry.size:
                         break
-                    h.update(chunk)
-                    yield wire.seal_frame(k_sess, counter, 0, chunk)
+                    yield counter, 0, chunk
                     counter += 1
-            if sent != entry.size or h.hexdigest() != entry.sha256:
+                after = Stamp.of(os.fstat(f.fileno()))
+            hashed = self.hashed_stamp(entry.name)
+            if sent != entry.size or not before == after == hashed == Stamp.of(path.stat()):
                 raise BootlinkError(f"{entry.name} changed while being sent; stream cut")
-        yield wire.seal_frame(k_sess, counter, wire.FLAG_LAST, b"")
+        yield counter, wire.FLAG_LAST, b""
 
     @staticmethod
     def response_length(manifest: wire.BootManifest) -> int:

@@ -96,6 +96,7 @@ class Server:
             file_paths=self.files.paths,
             link_ifindexes=self.links.ifindexes,
             on_authenticated=self._admit,
+            hashed_stamp=self.files.hashed_stamp,
         )
         self.http = make_http_server(self.service, cfg.link.http_port)
         self._stop = threading.Event()

@@ -18,10 +18,17 @@ SECTOR = 512
 
 
 @dataclass(frozen=True)
-class _Stamp:
+class Stamp:
+    """A file's identity: if any of these differ, the file may have changed."""
+
     size: int
     mtime_ns: int
     ino: int
+    dev: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Stamp:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 class BootFiles:
@@ -29,7 +36,7 @@ class BootFiles:
 
     def __init__(self, kernel: Path, initrd: Path) -> None:
         self.paths = {"kernel": Path(kernel), "initrd": Path(initrd)}
-        self._cache: dict[str, tuple[_Stamp, str]] = {}
+        self._cache: dict[str, tuple[Stamp, str]] = {}
         self._lock = threading.Lock()
         for name in self.paths:
             self.entry(name)  # fail at start-up, not when the desktop asks
@@ -42,13 +49,19 @@ class BootFiles:
             raise BootlinkError(
                 f"boot {name} {path} unreadable ({exc.strerror}): fix server.boot.{name}"
             ) from None
-        stamp = _Stamp(st.st_size, st.st_mtime_ns, st.st_ino)
+        stamp = Stamp.of(st)
         with self._lock:
             cached = self._cache.get(name)
             if cached is None or cached[0] != stamp:
                 cached = (stamp, sha256_file(path))
                 self._cache[name] = cached
         return FileEntry(name, stamp.size, cached[1])
+
+    def hashed_stamp(self, name: str) -> Stamp | None:
+        """The identity the file had when its SHA-256 was last computed."""
+        with self._lock:
+            cached = self._cache.get(name)
+        return cached[0] if cached else None
 
 
 def disk_facts(disk: Path) -> tuple[int, str]:

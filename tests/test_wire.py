@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootlink.common import wire
-from bootlink.common.errors import ProtocolError
+from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.server.discovery import ChallengeBook
 from bootlink.server.http_service import BootService
+from bootlink.server.payload import BootFiles
 
 K1, K2 = os.urandom(32), os.urandom(32)
 OFFER = wire.ServerOffer(7472, 10809, os.urandom(16), "laptop")
@@ -75,14 +76,7 @@ def _stream(tmp_path, kernel=b"K" * 2500, initrd=b"I" * 1000, chunk=1024):
         nbd=wire.NbdInfo(10809, "bootlink", 1 << 20, False, "0" * 64),
         chunk_size=chunk,
     )
-    service = BootService(
-        k_xfer=K1,
-        challenges=ChallengeBook(),
-        manifest=lambda: manifest,
-        file_paths={"kernel": tmp_path / "kernel", "initrd": tmp_path / "initrd"},
-        link_ifindexes=set,
-        on_authenticated=lambda *_: None,
-    )
+    service = _service(tmp_path, manifest)
     ch, nonce = os.urandom(16), wire.new_nonce()
     frames = list(service.frames(ch, nonce, manifest))
     assert sum(map(len, frames)) == BootService.response_length(manifest)
@@ -121,20 +115,33 @@ def test_stream_tamper_truncate_reorder_are_refused(tmp_path):
         assert leftovers == [], f"{what} left {leftovers}"
 
 
-def test_file_changing_while_sent_cuts_the_stream(tmp_path):
-    frames_gen_path = tmp_path
-    _, _, manifest = _stream(frames_gen_path)
-    (tmp_path / "initrd").write_bytes(b"X" * 1000)  # same size, other content
-    service = BootService(
-        K1,
-        ChallengeBook(),
-        lambda: manifest,
-        {"kernel": tmp_path / "kernel", "initrd": tmp_path / "initrd"},
-        set,
-        lambda *_: None,
+def _service(tmp_path, manifest):
+    files = BootFiles(tmp_path / "kernel", tmp_path / "initrd")
+    return BootService(
+        k_xfer=K1,
+        challenges=ChallengeBook(),
+        manifest=lambda: manifest,
+        file_paths=files.paths,
+        link_ifindexes=set,
+        on_authenticated=lambda *_: None,
+        hashed_stamp=files.hashed_stamp,
     )
-    from bootlink.common.errors import BootlinkError
 
+
+def test_file_changing_while_sent_cuts_the_stream(tmp_path):
+    _, _, manifest = _stream(tmp_path, kernel=b"K" * 40 * 1024)  # more than the read-ahead
+    service = _service(tmp_path, manifest)
+    frames = service.frames(os.urandom(16), wire.new_nonce(), manifest)
+    next(frames), next(frames)  # manifest and the first kernel frame are out
+    os.utime(tmp_path / "kernel", ns=(1, 1))  # rewritten in place while being sent
+    with pytest.raises(BootlinkError, match="changed while being sent"):
+        list(frames)
+
+
+def test_file_changed_after_hashing_is_not_sent(tmp_path):
+    _, _, manifest = _stream(tmp_path)
+    service = _service(tmp_path, manifest)
+    (tmp_path / "initrd").write_bytes(b"X" * 1000)  # same size, other content
     with pytest.raises(BootlinkError, match="changed while being sent"):
         list(service.frames(os.urandom(16), wire.new_nonce(), manifest))
 
