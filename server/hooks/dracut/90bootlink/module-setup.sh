@@ -22,7 +22,7 @@ installkernel() {
 }
 
 install() {
-    inst_multiple nbd-client ip blockdev
+    inst_multiple nbd-client ip blockdev grep tr cat sleep
     inst_hook cmdline 90 "$moddir/bootlink-cmdline.sh"
     inst_script "$moddir/bootlink-nbd.sh" /sbin/bootlink-nbd
     # systemd initrds start the initqueue only when a module asks for it
