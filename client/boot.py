@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from bootlink.common import kexec
 from bootlink.common.bootimage import BootImage
 from bootlink.common.config import Config
+from bootlink.common.errors import BootlinkError
 
+from . import menu, sources
 from .link_source import boot_from_link
 
 log = logging.getLogger("bootlink.client")
@@ -38,8 +41,34 @@ def plan_of(image: BootImage) -> dict[str, Any]:
     }
 
 
+def resolve_link(spec: str, cfg: Config, workdir: Path, progress: bool) -> list[BootImage]:
+    """The laptop link as a `client.sources` kind (see bootlink.client.sources)."""
+    if spec != "link":
+        raise BootlinkError(f"source '{spec}': the laptop link is spelled just 'link'")
+    return [boot_from_link(cfg, progress=progress).image]
+
+
 def choose_image(cfg: Config, progress: bool) -> BootImage:
-    return boot_from_link(cfg, progress=progress).image
+    """Every configured source's images, then the menu (the link ranks first)."""
+    kinds = dict(sources.SOURCE_KINDS, link=resolve_link)
+    workdir = Path(cfg.client.download_dir)
+    images, errors = [], []
+    for spec in cfg.client.sources:
+        try:
+            kind = sources.spec_kind(spec)
+            if kind not in kinds:
+                raise BootlinkError(f"unknown kind '{kind}'; known: {', '.join(sorted(kinds))}")
+            workdir.mkdir(parents=True, exist_ok=True)
+            images.extend(kinds[kind](spec, cfg, workdir, progress))
+        except BootlinkError as exc:
+            if len(cfg.client.sources) == 1:
+                raise  # the one source's own one-line error says it best
+            log.warning("source %s: %s", spec, exc)
+            errors.append(f"{spec}: {exc}")
+    if not images:
+        raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
+    images.sort(key=lambda img: img.provenance.source != "link")
+    return menu.choose(images, timeout=cfg.client.menu_timeout)
 
 
 def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:

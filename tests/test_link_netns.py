@@ -100,7 +100,6 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
 
     srv_cfg = write_config(tmp_path / "server.yaml", tmp_path / "key", payload, ["link0"])
     imp_cfg = write_config(tmp_path / "imp.yaml", tmp_path / "other-key", payload, ["link0"])
-    srv = lab.start(real, [*BOOTLINK, "server", "--config", str(srv_cfg)], tmp_path / "srv.log")
     imp = lab.start(impostor, [*BOOTLINK, "server", "--config", str(imp_cfg)], tmp_path / "i.log")
     recorded = wire.encode_answer(
         key.subkey(Purpose.DISCOVERY),
@@ -110,13 +109,22 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
     rep = lab.start(
         replayer, [sys.executable, "-c", REPLAYER, "7471", recorded.hex()], tmp_path / "r.log"
     )
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
     wait_for_log(tmp_path / "i.log", "serving", imp)
     wait_for_log(tmp_path / "r.log", "replayer ready", rep)
     assert other.key_id() != key.key_id()
+    cli_cfg = write_config(tmp_path / "client.yaml", tmp_path / "key", payload, [], timeout=2)
+    client = [*BOOTLINK, "-v", "client", "--config", str(cli_cfg), "--dry-run", "--json"]
 
-    cli_cfg = write_config(tmp_path / "client.yaml", tmp_path / "key", payload, [])
-    out = desk.run([*BOOTLINK, "-v", "client", "--config", str(cli_cfg), "--dry-run", "--json"])
+    # Before the real server runs, the impostor and the replayer are heard — and refused.
+    out = desk.run(client)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "not sealed with our key" in out.stderr
+    assert "nonce we never sent" in out.stderr or "another probe's nonce" in out.stderr
+    assert "no bootlink server answered" in out.stderr
+
+    srv = lab.start(real, [*BOOTLINK, "server", "--config", str(srv_cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    out = desk.run(client)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["interface"] == "d-real"
@@ -128,9 +136,6 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
     assert f"bootlink.nbd_host={real_ll}" in plan["cmdline"]
     assert plan["nbd_uri"] == f"nbd://[{real_ll}%25d-real]:10809/bootlink"
     assert (payload / "download" / "kernel").read_bytes() == (payload / "kernel").read_bytes()
-    # the impostor and the replayer were heard and refused, not silently missed
-    assert "not sealed with our key" in out.stderr
-    assert "nonce we never sent" in out.stderr or "another probe's nonce" in out.stderr
 
     # Every NIC is back in the desktop's namespace and no probe namespace is left.
     links = desk.run(["ip", "-o", "link"]).stdout
