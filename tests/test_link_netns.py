@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -240,3 +241,50 @@ def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
     links = desk.run(["ip", "-o", "link"]).stdout
     assert "eth1" in links and "eth0:" not in links
     assert not [n for n in _netns_names() if n.startswith("blprobe-")]
+
+
+def test_transfer_cut_mid_stream_is_retried(lab, tmp_path):
+    """The laptop side dies mid-download (cable yanked, server restarted): the client
+    throws the partial payload away, finds the server again and completes."""
+    generate_key_file(tmp_path / "key")
+    work = Path("/dev/shm") / f"bootlink-test-{os.getpid()}"
+    work.mkdir()
+    try:
+        (work / "kernel").write_bytes(os.urandom(1 << 20))
+        with open(work / "initrd", "wb") as f:
+            for _ in range(400):
+                f.write(os.urandom(1 << 20))
+        with open(work / "disk.img", "wb") as f:
+            f.truncate(8 << 20)
+        server, desk = lab.host("srv"), lab.host("desk")
+        lab.cable(server, "link0", desk, "eth0")
+        cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", work, ["link0"], timeout=60)
+        ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", work, [], timeout=60)
+        srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "1.log")
+        wait_for_log(tmp_path / "1.log", "serving", srv)
+        client = desk.popen(
+            [*BOOTLINK, "-v", "client", "--config", str(ccfg), "--dry-run", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lab.procs.append(client)
+        part = work / "download" / "initrd.part"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (part.exists() and part.stat().st_size):
+            time.sleep(0.005)
+        assert part.exists(), "the download never started"
+        srv.kill()  # the stream is cut mid-file
+        srv.wait()
+        srv2 = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "2.log")
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, err
+        assert "attempt 1:" in err and "truncated" in err
+        plan = json.loads(out)
+        digest = hashlib.sha256((work / "initrd").read_bytes()).hexdigest()
+        assert plan["initrd_sha256"] == digest
+        assert hashlib.sha256((work / "download" / "initrd").read_bytes()).hexdigest() == digest
+        assert not part.exists()
+        assert srv2.poll() is None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
