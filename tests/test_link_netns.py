@@ -288,3 +288,44 @@ def test_transfer_cut_mid_stream_is_retried(lab, tmp_path):
         assert srv2.poll() is None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+HOLD_NBD = textwrap.dedent("""\
+    import sys, time, nbd
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    print("connected", flush=True)
+    time.sleep(60)
+    """)
+
+
+def test_sigterm_stops_server_and_its_nbdkit(lab, payload, tmp_path):
+    generate_key_file(tmp_path / "key")
+    server, desk = lab.host("srv"), lab.host("desk")
+    lab.cable(server, "link0", desk, "eth0")
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
+    ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
+    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    assert out.returncode == 0, out.stderr
+    holder = lab.start(
+        desk, [sys.executable, "-c", HOLD_NBD, json.loads(out.stdout)["nbd_uri"]], tmp_path / "h"
+    )
+    wait_for_log(tmp_path / "h", "connected", holder)
+
+    def nbdkits() -> list[str]:
+        found = []
+        for pid in server.run(["ip", "netns", "pids", server.ns]).stdout.split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "nbdkit":
+                    found.append(pid)
+            except FileNotFoundError:  # a process that just exited (e.g. `ip` itself)
+                pass
+        return found
+
+    assert nbdkits(), "no nbdkit serves the open connection"
+    srv.terminate()
+    assert srv.wait(timeout=10) == 0
+    assert nbdkits() == []
+    assert "server stopped" in (tmp_path / "srv.log").read_text()
