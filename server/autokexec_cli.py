@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "setup-server-os",
         help="install autokexec, the ramdisk and the NBD-root initrd hook on this laptop",
     )
-    s.add_argument("--config", required=True, type=Path, help="config file (YAML) to install")
+    s.add_argument("--config", type=Path, help="config file (YAML) to install")
     s.add_argument(
         "--ramdisk", type=Path, help="a 'bootlink ramdisk build' output directory to install"
     )
