@@ -297,6 +297,12 @@ def prune(root: Path, variant: str) -> int:
         elif p.is_dir():
             freed += _tree_size(p)
             shutil.rmtree(p)
+    dynload = root / "usr/lib/python3.11/lib-dynload"
+    for so in sorted(dynload.glob("*.so")):
+        if so.name.split(".")[0] in packages.LIB_DYNLOAD_DROP:
+            freed += so.stat().st_size
+            so.unlink()
+    freed += stub_icu_data(root)
     plugdir = root / "usr/lib/x86_64-linux-gnu/nbdkit"
     for sub in ("plugins", "filters"):
         for so in sorted((plugdir / sub).glob("*.so")):
@@ -304,6 +310,42 @@ def prune(root: Path, variant: str) -> int:
                 freed += so.stat().st_size
                 so.unlink()
     return freed + elfdeps.prune_unused_libraries(root)
+
+
+ICU_STUB_C = """\
+/* bootlink: stands in for ICU's 30 MB data library. libnbd links libxml2, which links
+ * ICU, but libnbd only parses URIs with it and never converts a charset. ICU checks this
+ * header's magic before any use, finds it invalid, and returns an error: no crash. */
+const struct { unsigned short size; unsigned char magic1, magic2; unsigned char pad[60]; }
+    icudt72_dat = { 0, 0, 0, { 0 } };
+"""
+
+
+def stub_icu_data(root: Path) -> int:
+    """Replace libicudata (30 MB, 10 MB compressed) by an empty stub; bytes freed.
+
+    Skipped (the real data stays) when no C compiler is there or nothing needs ICU."""
+    libdir = root / "usr/lib/x86_64-linux-gnu"
+    real = sorted(libdir.glob("libicudata.so.*.*"))
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not real or cc is None:
+        return 0
+    soname = ".".join(real[0].name.split(".")[:3])  # libicudata.so.72
+    major = soname.rsplit(".", 1)[1]
+    size = real[0].stat().st_size
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "icudata.c"
+        src.write_text(ICU_STUB_C.replace("icudt72_dat", f"icudt{major}_dat"))
+        out = Path(tmp) / soname
+        subprocess.run(
+            [cc, "-shared", "-nostdlib", "-O2", "-fPIC", "-Wl,--build-id=none",
+             f"-Wl,-soname,{soname}", "-o", str(out), str(src)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        real[0].unlink()
+        shutil.copyfile(out, real[0])
+        os.chmod(real[0], 0o644)
+    return size - real[0].stat().st_size
 
 
 def _tree_size(p: Path) -> int:
@@ -324,8 +366,11 @@ def install_init(root: Path) -> None:
 
 
 def config_layer(cfg: Config, dest: Path, epoch: int, embed: dict[str, Path] | None = None) -> int:
-    """A cpio with /etc/bootlink/config.yaml, the key it names (mode 0600) and `embed`
-    (in-image path -> host file: the server's boot files when the laptop has none)."""
+    """A zstd cpio with /etc/bootlink/config.yaml, the key it names (mode 0600) and `embed`
+    (in-image path -> host file: the server's boot files when the laptop has none).
+
+    Compressed like the rest: after a zstd archive Linux expects another compressed one
+    ("invalid magic at start of compressed archive" otherwise)."""
     from bootlink.common.keys import load_key_file
 
     key = load_key_file(cfg.key_path)
@@ -344,7 +389,15 @@ def config_layer(cfg: Config, dest: Path, epoch: int, embed: dict[str, Path] | N
             shutil.copyfile(src, dst)
         for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
             os.chmod(d, 0o755)
-        return pack.pack_cpio(root, dest, epoch)
+        tree = root.parent / (root.name + ".cpio")
+        try:
+            pack.pack_cpio(root, tree, epoch)
+            os.chmod(tree, 0o600)  # zstd gives the output the input's mode
+            size = pack.zstd_compress(tree, dest, level=3)
+            os.chmod(dest, 0o600)
+            return size
+        finally:
+            tree.unlink(missing_ok=True)
 
 
 def _hash_tree(h: hashlib._Hash, base: Path) -> None:
@@ -364,7 +417,7 @@ def system_layer(
         ).encode()
     )  # fmt: skip
     _hash_tree(h, FILES_DIR)
-    for mod in ("elfdeps.py", "kernel.py", "pack.py"):
+    for mod in ("build.py", "elfdeps.py", "kernel.py", "pack.py", "packages.py"):
         h.update((Path(__file__).parent / mod).read_bytes())
     dest = opts.cache / "layers" / f"system-{h.hexdigest()[:16]}"
     if opts.use_cache and (dest / "facts.json").exists():
@@ -472,7 +525,7 @@ def build(opts: BuildOptions) -> BuildResult:
     files = {"vmlinuz": out / "vmlinuz", "ramdisk.cpio.zst": out / "ramdisk.cpio.zst"}
     if opts.config:
         with steps.step("config", "config layer (config.yaml + key, mode 0600)"):
-            layer_path = out / "config.cpio"
+            layer_path = out / "config.cpio.zst"
             config_layer(opts.config, layer_path, opts.epoch)
             os.chmod(layer_path, 0o600)
             _concat([out / "ramdisk.cpio.zst", layer_path], out / "initrd.img", 0o600)
@@ -498,7 +551,7 @@ def build(opts: BuildOptions) -> BuildResult:
             "uncompressed_bytes": cpio_size,
             "tree_bytes": facts["tree_bytes"],
             "pruned_bytes": facts["pruned_bytes"],
-            # initrd.img/config.cpio hold the key: their hashes are listed, never their bytes.
+            # initrd.img/config.cpio.zst hold the key: their hashes are listed, never their bytes.
             "files": {
                 name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
                 for name, p in sorted(files.items())

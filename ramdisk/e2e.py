@@ -73,7 +73,7 @@ def prepare(cache: Path, out: Path, zstd_level: int = 19) -> Artifacts:
 
 def make_initrd(art: Artifacts, cfg: Config, dest: Path, embed: dict[str, Path]) -> Path:
     """ramdisk + a config layer (config, key and `embed`ded files): what QEMU boots."""
-    layer = dest.with_suffix(".config.cpio")
+    layer = dest.with_suffix(".config.cpio.zst")
     rbuild.config_layer(cfg, layer, rbuild.DEFAULT_EPOCH, embed)
     rbuild._concat([art.ramdisk, layer], dest, 0o600)
     layer.unlink()

@@ -67,7 +67,10 @@ PRUNE_PATHS: tuple[str, ...] = (
     "usr/lib/python3.11/tkinter",
     "usr/lib/python3.11/turtledemo",
     "usr/share/zoneinfo",
-    "usr/lib/x86_64-linux-gnu/gconv",  # iconv charsets: UTF-8 and ASCII are built in
+    "usr/lib/x86_64-linux-gnu/gconv",
+    "usr/lib/python3.11/dbm",
+    "usr/lib/python3.11/curses",
+    "usr/lib/python3.11/turtle.py",  # iconv charsets: UTF-8 and ASCII are built in
     "usr/lib/python3/dist-packages/Cryptodome/SelfTest",
     "usr/share/perl",
     "usr/lib/x86_64-linux-gnu/perl",
@@ -78,6 +81,16 @@ PRUNE_PATHS: tuple[str, ...] = (
     "usr/share/python3/debian_defaults",
     "etc/apt",
 )
+
+# Extension modules of the standard library nothing here imports; removing them lets the
+# library pruning drop Berkeley DB, ncurses and readline too. (sqlite3 stays: `import
+# pyroute2` loads its entry points, and one of them imports NDB, which imports sqlite3.)
+LIB_DYNLOAD_DROP: tuple[str, ...] = (
+    "_dbm", "_gdbm", "_curses", "_curses_panel", "readline", "nis", "audioop",
+    "xxlimited", "xxlimited_35", "_xxtestfuzz", "_testcapi", "_testbuffer",
+    "_testinternalcapi", "_testmultiphase", "_testimportmultiple", "_testclinic",
+    "_ctypes_test", "_crypt", "ossaudiodev", "spwd", "_tkinter", "_lsprof",
+)  # fmt: skip
 
 # nbdkit plugins and filters the server keeps (server/nbd_export.py runs
 # `nbdkit --filter=ip file ...`); the others pull curl, ssh, torrent and boost.
@@ -134,11 +147,9 @@ MODULE_GLOBS: tuple[str, ...] = (
     "drivers/scsi/sd_mod.ko",
     "drivers/mmc/host/sdhci-pci.ko",
     "drivers/mmc/core/mmc_block.ko",
-    # filesystems the server reads boot files from
+    # filesystems (the server's boot files normally come embedded, see `config_layer`)
     "fs/ext4/*",
     "fs/fat/*",
-    "fs/btrfs/*",
-    "fs/xfs/*",
     "fs/nls/nls_cp437.ko",
     "fs/nls/nls_ascii.ko",
     "fs/nls/nls_utf8.ko",

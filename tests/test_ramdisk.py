@@ -1,0 +1,282 @@
+"""Fast parts of the ramdisk: recipe, pins, packing reproducibility, /init's cmdline parsing,
+module closure, ELF dependency pruning, the config layer and the shell scripts' syntax."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bootlink.common.config import config_from_dict
+from bootlink.common.errors import BootlinkError
+from bootlink.common.keys import generate_key_file
+from bootlink.ramdisk import boot, build, elfdeps, pack, packages
+from bootlink.ramdisk import kernel as kmod
+
+REPO = Path(__file__).resolve().parent.parent
+INIT = REPO / "ramdisk" / "files" / "init"
+HOOK = REPO / "server" / "hooks" / "initramfs-tools" / "hooks" / "bootlink"
+LOCAL_TOP = REPO / "server" / "hooks" / "initramfs-tools" / "scripts" / "local-top" / "bootlink"
+
+
+# --- recipe and pins -------------------------------------------------------------------
+
+
+def test_package_list_sorted_and_optional_kexec_tools():
+    base = packages.package_list()
+    assert base == sorted(base)
+    assert "python3-libnbd" in base and "nbdkit" in base and "kexec-tools" not in base
+    assert "kexec-tools" in packages.package_list(with_kexec_tools=True)
+
+
+def test_parse_pins_lines_and_manifest():
+    pins = packages.parse_pins("# comment\npython3=3.11.2-1+b1\nlibc6:amd64 2.36-9\n\n")
+    assert pins == {"python3": "3.11.2-1+b1", "libc6": "2.36-9"}
+    manifest = {"packages": [{"name": "zstd", "version": "1.5.4+dfsg2-5", "installed_kib": 1}]}
+    assert packages.parse_pins(json.dumps(manifest)) == {"zstd": "1.5.4+dfsg2-5"}
+    with pytest.raises(BootlinkError, match="expected 'package=version'"):
+        packages.parse_pins("just-a-name\n", "pins.txt")
+    with pytest.raises(BootlinkError, match="no 'packages' list"):
+        packages.parse_pins('{"files": {}}')
+
+
+def test_apt_preferences_pins_every_package():
+    text = packages.apt_preferences({"b": "2", "a": "1"})
+    assert text.index("Package: a") < text.index("Package: b")
+    assert "Pin: version 1\nPin-Priority: 1001" in text
+
+
+def test_mmdebstrap_command_and_cache_key_follow_the_inputs(tmp_path):
+    opts = build.BuildOptions(output=tmp_path, cache=tmp_path)
+    pkgs = packages.package_list()
+    cmd = build.mmdebstrap_command(Path("/t"), pkgs, opts, ())
+    assert "--variant=essential" in cmd and "--mode=root" in cmd
+    assert "--include=" + ",".join(pkgs) in cmd
+    assert any("path-exclude=/usr/share/doc/*" in c for c in cmd)
+    assert any("merged-usr" in c for c in cmd)  # no usrmerge package (it pulls perl)
+    assert not any('bootlink-pins"' in c and "printf" in c for c in cmd)
+    pinned = build.BuildOptions(output=tmp_path, cache=tmp_path, pins={"python3": "3.11.2-1"})
+    pcmd = build.mmdebstrap_command(Path("/t"), pkgs, pinned, ())
+    assert any("Pin: version 3.11.2-1" in c for c in pcmd)
+    assert build.rootfs_key(pkgs, opts, ()) != build.rootfs_key(pkgs, pinned, ())
+    assert build.rootfs_key(pkgs, opts, ()) == build.rootfs_key(list(pkgs), opts, ())
+
+
+def test_check_pins_names_the_mismatch():
+    got = [{"name": "python3", "version": "2"}]
+    build.check_pins({"python3": "2"}, got)
+    with pytest.raises(BootlinkError, match="python3 1 \\(got 2\\)"):
+        build.check_pins({"python3": "1"}, got)
+
+
+# --- packing ---------------------------------------------------------------------------
+
+
+def _make_tree(root: Path, order: list[str]) -> None:
+    for name in order:
+        p = root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"content of {name}\n")
+    os.symlink("b/c.txt", root / "link")
+    (root / "b" / "c.txt").chmod(0o755)
+
+
+def test_cpio_and_zstd_are_reproducible(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _make_tree(a, ["x.txt", "b/c.txt", "b/a.txt", "z/y"])
+    _make_tree(b, ["z/y", "b/a.txt", "x.txt", "b/c.txt"])  # other creation order and inodes
+    os.utime(b / "x.txt", (12345, 12345))
+    outs = []
+    for tree in (a, b):
+        cpio = tmp_path / f"{tree.name}.cpio"
+        pack.pack_cpio(tree, cpio, epoch=1_700_000_000)
+        pack.zstd_compress(cpio, tmp_path / f"{tree.name}.cpio.zst", level=3)
+        outs.append(((cpio).read_bytes(), (tmp_path / f"{tree.name}.cpio.zst").read_bytes()))
+    assert outs[0] == outs[1]
+    listing = subprocess.run(
+        ["cpio", "-itv", "--quiet"], input=outs[0][0], capture_output=True, check=True
+    ).stdout.decode()
+    names = [ln.split(" -> ")[0].split()[-1] for ln in listing.splitlines()]
+    assert names == [".", "b", "b/a.txt", "b/c.txt", "link", "x.txt", "z", "z/y"]
+    assert "-rwxr-xr-x" in listing and " root " in listing
+    # a different epoch is a different archive
+    pack.pack_cpio(a, tmp_path / "c.cpio", epoch=1_700_000_001)
+    assert (tmp_path / "c.cpio").read_bytes() != outs[0][0]
+
+
+def test_sorted_paths_is_bytewise():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        for n in ("B", "a", "_", "a.b", "a-b"):
+            (root / n).write_text("")
+        assert pack.sorted_paths(root) == sorted(pack.sorted_paths(root))
+        assert pack.sorted_paths(root)[1:] == [b"./B", b"./_", b"./a", b"./a-b", b"./a.b"]
+
+
+# --- the config layer and bootlink's files ---------------------------------------------
+
+
+def test_config_layer_holds_config_and_key_0600(tmp_path):
+    key = tmp_path / "key"
+    generate_key_file(key)
+    cfg = config_from_dict({"key": str(key), "server": {"disk": "/dev/vda"}})
+    extra = tmp_path / "vmlinuz"
+    extra.write_bytes(b"kernel bytes")
+    layer = tmp_path / "config.cpio.zst"
+    build.config_layer(cfg, layer, 1_700_000_000, {"etc/bootlink/boot/vmlinuz": extra})
+    assert stat.S_IMODE(layer.stat().st_mode) == 0o600  # it holds the key
+    raw = subprocess.run(["zstd", "-dc", str(layer)], capture_output=True, check=True).stdout
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=out, check=True)
+    data = (out / "etc/bootlink/config.yaml").read_text()
+    assert "key: /etc/bootlink/key" in data and "disk: /dev/vda" in data
+    assert (out / "etc/bootlink/key").read_bytes() == key.read_bytes()
+    assert stat.S_IMODE((out / "etc/bootlink/key").stat().st_mode) == 0o600
+    assert (out / "etc/bootlink/boot/vmlinuz").read_bytes() == b"kernel bytes"
+
+
+def test_install_bootlink_copies_sources_per_package_dir(tmp_path):
+    n = build.install_bootlink(tmp_path)
+    dist = tmp_path / "usr/lib/python3/dist-packages/bootlink"
+    assert n > 10
+    for rel in ("cli.py", "__main__.py", "common/config.py", "ramdisk/boot.py",
+                "ramdisk/files/init", "server/hooks/initramfs-tools/hooks/bootlink"):  # fmt: skip
+        assert (dist / rel).is_file(), rel
+    assert not list(dist.rglob("__pycache__")) and not list(dist.rglob("*.pyc"))
+    assert not (dist / "client" / "sources" / "sources").exists()
+
+
+# --- /init's Python half ---------------------------------------------------------------
+
+
+def test_parse_cmdline_roles_overrides_and_reserved_keys():
+    a = boot.parse_cmdline(
+        "console=ttyS0 bootlink.role=server bootlink.config=/etc/x.yaml quiet "
+        "bootlink.server.disk=/dev/nvme0n1 bootlink.link.interfaces=[eth1,eth2] "
+        "bootlink.client.timeout=12.5 bootlink.server.read_only=true "
+        'bootlink.args="--dry-run --json" bootlink.nbd_host=fe80::1 bootlink.key=/k'
+    )
+    assert a.role == "server" and a.config == Path("/etc/x.yaml")
+    assert a.args == ["--dry-run", "--json"]
+    assert a.overrides == {
+        "server": {"disk": "/dev/nvme0n1", "read_only": True},
+        "link": {"interfaces": ["eth1", "eth2"]},
+        "client": {"timeout": 12.5},
+        "key": "/k",
+    }
+    assert boot.parse_cmdline("root=/dev/sda1").role == "client"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "message"),
+    [
+        ("bootlink.role=laptop", "use one of server, client, selftest"),
+        ("bootlink.disk=/dev/sda", "not a config key"),
+        ("bootlink.server=/dev/sda", "not a config key"),
+        ("bootlink.role", "has no value"),
+        ('bootlink.args="--dry-run', "does not parse"),
+    ],
+)
+def test_parse_cmdline_rejects_with_the_fix(cmdline, message):
+    with pytest.raises(boot.BootArgsError, match=message):
+        boot.parse_cmdline(cmdline)
+
+
+def test_resolve_config_merges_embedded_file_and_overrides(tmp_path):
+    f = tmp_path / "config.yaml"
+    f.write_text("key: /etc/bootlink/key\nserver: {disk: /dev/sda, read_only: true}\n")
+    args = boot.parse_cmdline("bootlink.server.disk=/dev/vda bootlink.link.mtu=9000")
+    data = boot.resolve_config(args, embedded=f)
+    assert data == {
+        "key": "/etc/bootlink/key",
+        "server": {"disk": "/dev/vda", "read_only": True},
+        "link": {"mtu": 9000},
+    }
+    config_from_dict(data)  # and it is a valid config
+    with pytest.raises(boot.BootArgsError, match="no config"):
+        boot.resolve_config(boot.parse_cmdline(""), embedded=tmp_path / "missing.yaml")
+    with pytest.raises(boot.BootArgsError, match="no such file"):
+        boot.resolve_config(boot.parse_cmdline(f"bootlink.config={tmp_path}/nope"))
+
+
+# --- kernel modules --------------------------------------------------------------------
+
+
+def test_select_modules_adds_deps_and_softdeps_via_alias():
+    index = kmod.ModuleIndex(
+        deps={
+            "kernel/fs/ext4/ext4.ko": ["kernel/fs/jbd2/jbd2.ko", "kernel/lib/crc16.ko"],
+            "kernel/fs/jbd2/jbd2.ko": [],
+            "kernel/lib/crc16.ko": [],
+            "kernel/crypto/crc32c_generic.ko": [],
+            "kernel/drivers/net/usb/r8152.ko": ["kernel/drivers/net/mii.ko"],
+            "kernel/drivers/net/mii.ko": [],
+            "kernel/drivers/gpu/huge.ko": [],
+        },
+        by_name={},
+        softdeps={"ext4": ["crc32c"]},
+        aliases=[("crypto-crc32c", "crc32c_generic"), ("crc32c", "crc32c_generic")],
+    )
+    index.by_name.update({kmod._modname(m): m for m in index.deps})
+    got = kmod.select_modules(index, ["fs/ext4/*", "drivers/net/usb/*"])
+    assert got == sorted([
+        "kernel/fs/ext4/ext4.ko", "kernel/fs/jbd2/jbd2.ko", "kernel/lib/crc16.ko",
+        "kernel/crypto/crc32c_generic.ko", "kernel/drivers/net/usb/r8152.ko",
+        "kernel/drivers/net/mii.ko",
+    ])  # fmt: skip
+
+
+# --- ELF dependency pruning ------------------------------------------------------------
+
+
+def test_elf_needed_and_unused_libraries(tmp_path):
+    py = Path(os.path.realpath(sys.executable))
+    deps = elfdeps.needed(py)
+    assert deps is not None and "libc.so.6" in deps
+    assert elfdeps.needed(Path(__file__)) is None  # not ELF
+    libdir = Path("/usr/lib/x86_64-linux-gnu")
+    need = [d for d in deps if (libdir / d).exists() and not d.startswith(elfdeps.KEEP_PREFIXES)]
+    unused_src = next(p for p in (libdir / "libbz2.so.1.0", libdir / "liblzma.so.5") if p.exists())
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    shutil.copy2(py, root / "usr/bin/python3")
+    for d in need:
+        shutil.copy2(libdir / d, root / "usr/lib/x86_64-linux-gnu" / d)
+    if unused_src.name not in need:
+        shutil.copy2(unused_src, root / "usr/lib/x86_64-linux-gnu" / unused_src.name)
+    os.mkfifo(root / "usr/bin/a-fifo")  # must not block the scan
+    unused = [p.name for p in elfdeps.unused_libraries(root)]
+    assert unused == ([] if unused_src.name in need else [unused_src.name])
+
+
+# --- shell scripts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", [INIT, HOOK, LOCAL_TOP, INIT.parent / "sbin/bootlink-hotplug"])
+def test_shell_scripts_parse_and_are_executable(script):
+    assert os.access(script, os.X_OK)
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    if shutil.which("busybox"):
+        subprocess.run(["busybox", "sh", "-n", str(script)], check=True)
+
+
+def test_local_top_does_nothing_without_bootlink_keys(tmp_path):
+    """Without bootlink.nbd_host the hook must exit 0 before touching anything."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("root=UUID=1234 ro quiet\n")
+    proc = subprocess.run(
+        ["sh", str(LOCAL_TOP)], env={"BOOTLINK_CMDLINE": str(cmdline), "PATH": os.defpath},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    assert subprocess.run(["sh", str(LOCAL_TOP), "prereqs"], capture_output=True).returncode == 0

@@ -1,0 +1,48 @@
+"""Reproducibility of the real build: two independent builds (no shared cache), the second
+pinned to the first one's manifest, give byte-identical ramdisks. Slow (two mmdebstrap
+runs and two zstd passes): marked `qemu` with the other slow system tests. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bootlink.ramdisk import build, packages
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mmdebstrap --mode=root)"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("BOOTLINK_CACHE", REPO / "cache"))
+
+
+def test_two_builds_are_byte_identical(tmp_path):
+    # The kernel download may come from the shared cache; the root and layers may not.
+    first_cache, second_cache = tmp_path / "c1", tmp_path / "c2"
+    for c in (first_cache, second_cache):
+        c.mkdir()
+        (c / "kernel").symlink_to(CACHE / "kernel")
+    level = 19
+    a = build.build(
+        build.BuildOptions(output=tmp_path / "a", cache=first_cache, zstd_level=level)
+    )
+    pins = packages.load_pins(tmp_path / "a" / "manifest.json")
+    b = build.build(
+        build.BuildOptions(
+            output=tmp_path / "b", cache=second_cache, zstd_level=level, pins=pins,
+            use_cache=False,
+        )
+    )  # fmt: skip
+    fa, fb = a.manifest["files"], b.manifest["files"]
+    assert fa == fb, f"builds differ:\n{json.dumps(fa, indent=1)}\n{json.dumps(fb, indent=1)}"
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (
+        tmp_path / "b" / "manifest.json"
+    ).read_bytes()
+    size = fa["ramdisk.cpio.zst"]["size"]
+    print(f"ramdisk {size / 1e6:.1f} MB sha256 {fa['ramdisk.cpio.zst']['sha256']}")
+    assert size <= 32 * 1000 * 1000, f"ramdisk is {size / 1e6:.1f} MB, target is 32 MB"
