@@ -83,7 +83,32 @@ def copy_root(src: Path, dest: Path) -> Path:
     return dest
 
 
-def tree_digest(root: Path, skip: tuple[str, ...] = ("proc", "sys", "dev", "run", "tmp")) -> str:
+SKIP = ("proc", "sys", "dev", "run", "tmp")
+
+
+def tree_map(root: Path, skip: tuple[str, ...] = SKIP) -> dict[str, str]:
+    """Every path -> a fingerprint of its type, mode, owner, link target or content."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if os.path.relpath(dirpath, root) == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            fp = f"{st.st_mode:o} {st.st_uid}:{st.st_gid}"
+            if os.path.islink(p):
+                fp += " -> " + os.readlink(p)
+            elif os.path.isfile(p):
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                fp += " " + h.hexdigest()
+            out["/" + os.path.relpath(p, root)] = fp
+    return out
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = SKIP) -> str:
     """One hash over every path, type, mode, owner, link target and file content."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
