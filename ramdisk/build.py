@@ -287,7 +287,12 @@ def install_bootlink(root: Path) -> int:
 def prune(root: Path, variant: str) -> int:
     """Remove what only installing needed; returns bytes freed."""
     if variant == "full":
-        return 0
+        # stiefelsystem's recipe keeps everything but drops Python's bytecode.
+        caches = sorted(root.glob("usr/lib/python3*/**/__pycache__"))
+        freed = sum(_tree_size(p) for p in caches)
+        for p in caches:
+            shutil.rmtree(p, ignore_errors=True)
+        return freed
     freed = 0
     for rel in packages.PRUNE_PATHS:
         p = root / rel
@@ -303,6 +308,7 @@ def prune(root: Path, variant: str) -> int:
             freed += so.stat().st_size
             so.unlink()
     freed += stub_icu_data(root)
+    freed += sourceless_python(root)
     plugdir = root / "usr/lib/x86_64-linux-gnu/nbdkit"
     for sub in ("plugins", "filters"):
         for so in sorted((plugdir / sub).glob("*.so")):
@@ -346,6 +352,34 @@ def stub_icu_data(root: Path) -> int:
         shutil.copyfile(out, real[0])
         os.chmod(real[0], 0o644)
     return size - real[0].stat().st_size
+
+
+PYTHON_TREES = ("usr/lib/python3.11", "usr/lib/python3/dist-packages")
+
+
+def sourceless_python(root: Path) -> int:
+    """Bytecode next to each module and no sources, for the standard library and the
+    Debian packages (bootlink keeps its sources: its tracebacks matter). Saves 13 MB of
+    unpacking at every boot; tracebacks there show file and line, not the text."""
+    env = dict(os.environ, PYTHONHASHSEED="0", SOURCE_DATE_EPOCH="0")
+    subprocess.run(
+        ["chroot", str(root), "python3", "-m", "compileall", "-q", "-f", "-b", "-j0",
+         *("/" + t for t in PYTHON_TREES)],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    freed = 0
+    for tree in PYTHON_TREES:
+        for dirpath, dirnames, filenames in os.walk(root / tree):
+            for name in filenames:
+                p = Path(dirpath) / name
+                if name.endswith(".py") and p.with_suffix(".pyc").exists():
+                    freed += p.stat().st_size
+                    p.unlink()
+            if "__pycache__" in dirnames:
+                freed += _tree_size(Path(dirpath) / "__pycache__")
+                shutil.rmtree(Path(dirpath) / "__pycache__")
+                dirnames.remove("__pycache__")
+    return freed
 
 
 def _tree_size(p: Path) -> int:
@@ -449,6 +483,10 @@ def system_layer(
     return dest / "system.cpio.zst", facts
 
 
+class _SkipCompile(Exception):
+    pass
+
+
 def bootlink_layer(rootfs: Path, opts: BuildOptions, work: Path) -> tuple[Path, dict]:
     """bootlink's Python package with bytecode compiled by the ramdisk's own python3."""
     stage = work / "bootlink"
@@ -457,6 +495,8 @@ def bootlink_layer(rootfs: Path, opts: BuildOptions, work: Path) -> tuple[Path, 
     # scratch folder of the cached root, with a fixed hash seed and no timestamps.
     scratch = Path(tempfile.mkdtemp(prefix="bootlink-pyc-", dir=rootfs / "tmp"))
     try:
+        if opts.variant == "full":  # stiefelsystem-style: no bytecode at all
+            raise _SkipCompile
         src = stage / "usr" / "lib" / "python3" / "dist-packages" / "bootlink"
         shutil.copytree(src, scratch / "bootlink")
         env = dict(os.environ, PYTHONHASHSEED="0", SOURCE_DATE_EPOCH=str(opts.epoch))
@@ -471,6 +511,8 @@ def bootlink_layer(rootfs: Path, opts: BuildOptions, work: Path) -> tuple[Path, 
             raise BootlinkError(f"compiling bootlink's bytecode failed: {proc.stdout[-300:]}")
         shutil.rmtree(src)
         shutil.copytree(scratch / "bootlink", src)
+    except _SkipCompile:
+        pass
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for d in ("usr", "usr/lib", "usr/lib/python3", "usr/lib/python3/dist-packages"):

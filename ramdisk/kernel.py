@@ -186,7 +186,9 @@ def _resolve_name(index: ModuleIndex, name: str) -> list[str]:
     ]
 
 
-def install_modules(kernel: Kernel, modules: list[str], dest_root: Path) -> int:
+def install_modules(
+    kernel: Kernel, modules: list[str], dest_root: Path, compress: bool = True
+) -> int:
     """Copy `modules` and the kernel's module metadata into dest_root, run depmod; bytes copied."""
     src = kernel.modules_dir
     dst = Path(dest_root) / "lib" / "modules" / kernel.release
@@ -197,6 +199,11 @@ def install_modules(kernel: Kernel, modules: list[str], dest_root: Path) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, target)
         total += target.stat().st_size
+    # Compressed one by one: the ramdisk unpacks 2/3 fewer module bytes at boot (only the
+    # few modules in use are ever decompressed, by kmod, when loaded).
+    kos = [str(dst / rel) for rel in modules if rel.endswith(".ko")]
+    if compress and kos:
+        _run(["zstd", "-q", "-19", "-T1", "--rm", "--no-progress", *kos], "compressing modules")
     for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         shutil.copy2(src / meta, dst / meta)
     _run(["depmod", "-b", str(dest_root), kernel.release], "depmod over the ramdisk's modules")

@@ -80,6 +80,25 @@ PRUNE_PATHS: tuple[str, ...] = (
     "usr/share/lintian",
     "usr/share/python3/debian_defaults",
     "etc/apt",
+    # programs nobody runs here whose libraries are big: Berkeley DB (arpd), Kerberos and
+    # RPC (ss), systemd and libgcrypt (lslogins, logger), SASL and PAM's userdb plugins
+    "usr/sbin/arpd",
+    "usr/bin/ss",
+    "usr/bin/lslogins",
+    "usr/bin/logger",
+    "usr/lib/x86_64-linux-gnu/sasl2",
+    "usr/lib/x86_64-linux-gnu/krb5",
+    "usr/lib/x86_64-linux-gnu/security/pam_userdb.so",
+    "usr/bin/localedef",
+    "usr/bin/dpkg",
+    "usr/bin/dpkg-deb",
+    "usr/bin/dpkg-query",
+    "usr/bin/dpkg-divert",
+    "usr/bin/dpkg-split",
+    "usr/bin/dpkg-trigger",
+    "usr/bin/dpkg-statoverride",
+    "usr/bin/dpkg-realpath",
+    "usr/bin/update-alternatives",
 )
 
 # Extension modules of the standard library nothing here imports; removing them lets the
