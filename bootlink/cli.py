@@ -18,6 +18,7 @@ from bootlink.common.log import setup_logging
 COMMAND_MODULES = [
     "bootlink.common.keys_cli",
     "bootlink.server.cli",
+    "bootlink.server.autokexec_cli",
     "bootlink.client.cli",
     "bootlink.client.sources.cli",
     "bootlink.ramdisk.cli",

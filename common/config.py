@@ -61,11 +61,26 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class AutokexecConfig:
+    """The laptop's normal OS: when to kexec into the bootlink ramdisk as server."""
+
+    macs: list[str] = field(default_factory=list)  # link NICs whose appearance triggers
+    usb_ids: list[str] = field(default_factory=list)  # "vvvv:pppp" USB NICs that trigger
+    remote_trigger: bool = True  # a desktop's authenticated trigger request
+    confirm: bool = False  # ask on the console first (Enter/y: now, n: no)
+    confirm_timeout: float = 10.0  # seconds; no answer by then means yes
+    ramdisk_kernel: str = "/var/lib/bootlink/vmlinuz"
+    ramdisk_initrd: str = "/var/lib/bootlink/ramdisk.img"
+    extra_cmdline: str = ""  # appended to the ramdisk's kernel command line
+
+
+@dataclass(frozen=True)
 class Config:
     key: str = "/etc/bootlink/key"
     link: LinkConfig = field(default_factory=LinkConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    autokexec: AutokexecConfig = field(default_factory=AutokexecConfig)
     source: str = "<defaults>"  # where this config came from, for error messages
 
     @property

@@ -21,6 +21,7 @@ from .discovery import ChallengeBook, DiscoveryResponder
 from .http_service import BootService, make_http_server
 from .nbd_export import NbdExport, check_exportable, listen_socket
 from .payload import BootFiles, build_manifest
+from .power import start_power_watch
 
 log = logging.getLogger("bootlink.server")
 
@@ -124,6 +125,7 @@ class Server:
         self.discovery.start()
         http_thread = threading.Thread(target=self.http.serve_forever, name="http", daemon=True)
         http_thread.start()
+        start_power_watch(self._stop)  # battery warnings, lid ignored (no-op without battery)
         nics = ", ".join(n.name for n in self.links.nics.values()) or "none yet"
         log.info(
             "serving %s (%s) on %s: discovery udp/%d, http tcp/%d, nbd tcp/%d",
