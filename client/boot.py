@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,13 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
     return menu.choose(images, timeout=cfg.client.menu_timeout)
 
 
+def _interrupt(signum, _frame):
+    # SIGTERM must unwind like Ctrl-C so probe namespaces are removed and NICs come back
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     image = choose_image(cfg, progress=not as_json)
     plan = plan_of(image)
     if as_json:

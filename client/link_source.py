@@ -18,7 +18,7 @@ from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.keys import Purpose, SharedKey, load_key_file
 from bootlink.common.nbd_check import NbdTarget, check_export
 
-from .probe import Found, ProbeParams, probe_all
+from .probe import Found, Probe, ProbeParams, reclaim_stale_probes
 from .transfer import fetch_boot_payload
 
 log = logging.getLogger("bootlink.client.link")
@@ -38,18 +38,19 @@ def boot_from_link(cfg: Config, progress: bool = True) -> LinkBoot:
     deadline = time.monotonic() + cfg.client.timeout
     last_error: BootlinkError | None = None
     for attempt in range(1, ATTEMPTS + 1):
-        found = _find(cfg, key, deadline)
-        ifname = _reconfigure_winner(found, cfg, deadline)
-        host = net.scoped(found.server_addr, ifname)
         try:
-            received = fetch_boot_payload(
-                host,
-                found.offer.http_port,
-                key.subkey(Purpose.TRANSFER),
-                found.offer.challenge,
-                Path(cfg.client.download_dir),
-                progress=progress,
-            )
+            with _probe(cfg, key, deadline) as probe:
+                found = probe.run()
+                ifname = _reconfigure_winner(found, cfg, deadline)
+                host = net.scoped(found.server_addr, ifname)
+                received = fetch_boot_payload(
+                    host,
+                    found.offer.http_port,
+                    key.subkey(Purpose.TRANSFER),
+                    found.offer.challenge,
+                    Path(cfg.client.download_dir),
+                    progress=progress,
+                )
         except ProtocolError as exc:
             last_error = exc
             log.warning("attempt %d: %s", attempt, exc)
@@ -76,7 +77,8 @@ def boot_from_link(cfg: Config, progress: bool = True) -> LinkBoot:
     raise last_error or BootlinkError("boot transfer failed")
 
 
-def _find(cfg: Config, key: SharedKey, deadline: float) -> Found:
+def _probe(cfg: Config, key: SharedKey, deadline: float) -> Probe:
+    reclaim_stale_probes()
     with IPRoute() as ipr:
         nics = net.list_nics(ipr, cfg.link.interfaces)
     log.info("probing %s in parallel", ", ".join(n.name for n in nics) or "no NICs")
@@ -87,7 +89,7 @@ def _find(cfg: Config, key: SharedKey, deadline: float) -> Found:
         deadline,
         k_trig=key.subkey(Purpose.TRIGGER),
     )
-    return probe_all(nics, params)
+    return Probe(nics, params)
 
 
 def _reconfigure_winner(found: Found, cfg: Config, deadline: float) -> str:

@@ -117,7 +117,7 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
     client = [*BOOTLINK, "-v", "client", "--config", str(cli_cfg), "--dry-run", "--json"]
 
     # Before the real server runs, the impostor and the replayer are heard — and refused.
-    out = desk.run(client)
+    out = run_client(desk, client)
     assert out.returncode == 2 and out.stdout == ""
     assert "not sealed with our key" in out.stderr
     assert "nonce we never sent" in out.stderr or "another probe's nonce" in out.stderr
@@ -125,7 +125,7 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
 
     srv = lab.start(real, [*BOOTLINK, "server", "--config", str(srv_cfg)], tmp_path / "srv.log")
     wait_for_log(tmp_path / "srv.log", "serving", srv)
-    out = desk.run(client)
+    out = run_client(desk, client)
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["interface"] == "d-real"
@@ -142,7 +142,7 @@ def test_client_picks_the_real_server_among_impostor_replayer_and_dead(lab, payl
     links = desk.run(["ip", "-o", "link"]).stdout
     for nic in ("a-impostor", "b-replay", "c-dead", "d-real"):
         assert nic in links
-    assert not [n for n in _netns_names() if n.startswith("blprobe-")], _netns_names()
+    assert probe_namespaces(out.pid) == []
 
     # The export serves the disk's exact bytes through libnbd's URI, from the desktop.
     read = desk.run([sys.executable, "-c", NBD_READ, plan["nbd_uri"]], text=False)
@@ -161,9 +161,19 @@ NBD_READ = textwrap.dedent("""\
     """)
 
 
-def _netns_names() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+def probe_namespaces(pid: int | None = None) -> list[str]:
+    """Probe namespaces of the client with this pid (any client if None)."""
+    prefix = f"blprobe-{pid}-" if pid else "blprobe-"
+    return sorted(p.name for p in Path("/run/netns").glob(prefix + "*"))
+
+
+def run_client(host, args: list[str]) -> subprocess.CompletedProcess:
+    """Run a client to completion, keeping its pid (probe namespace names carry it)."""
+    proc = host.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.pid = proc.pid
+    return result
 
 
 def test_third_host_on_the_link_cannot_read_the_export(lab, payload, tmp_path):
@@ -201,14 +211,14 @@ def test_wrong_key_finds_no_server_and_cleans_up(lab, payload, tmp_path):
     srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
     wait_for_log(tmp_path / "srv.log", "serving", srv)
     ccfg = write_config(tmp_path / "c.yaml", tmp_path / "other-key", payload, [], timeout=2)
-    out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
     assert out.returncode == 2
     assert out.stdout == ""
     (line,) = [ln for ln in out.stderr.splitlines() if "error:" in ln]
     assert "no bootlink server answered" in line and "same key" in line
     assert not (payload / "download" / "kernel").exists()
     assert "eth0" in desk.run(["ip", "-o", "link"]).stdout
-    assert not [n for n in _netns_names() if n.startswith("blprobe-")]
+    assert probe_namespaces(out.pid) == []
 
 
 def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
@@ -226,11 +236,9 @@ def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
     lab.procs.append(proc)
     # delete eth0 while its probe namespace holds it
     deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and not [
-        n for n in _netns_names() if n.startswith("blprobe-")
-    ]:
+    while time.monotonic() < deadline and not probe_namespaces(proc.pid):
         time.sleep(0.02)
-    probe_ns = [n for n in _netns_names() if n.startswith("blprobe-")]
+    probe_ns = probe_namespaces(proc.pid)
     assert probe_ns, "client never moved a NIC into a probe namespace"
     for ns in probe_ns:
         subprocess.run(["ip", "-n", ns, "link", "del", "eth0"], capture_output=True)
@@ -240,7 +248,7 @@ def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
     assert "Traceback" not in err
     links = desk.run(["ip", "-o", "link"]).stdout
     assert "eth1" in links and "eth0:" not in links
-    assert not [n for n in _netns_names() if n.startswith("blprobe-")]
+    assert probe_namespaces(proc.pid) == []
 
 
 def test_transfer_cut_mid_stream_is_retried(lab, tmp_path):
@@ -329,3 +337,25 @@ def test_sigterm_stops_server_and_its_nbdkit(lab, payload, tmp_path):
     assert srv.wait(timeout=10) == 0
     assert nbdkits() == []
     assert "server stopped" in (tmp_path / "srv.log").read_text()
+
+
+def test_nics_left_by_a_killed_client_are_reclaimed(lab, payload, tmp_path):
+    """A client killed mid-probe (SIGKILL, power) leaves its namespace holding a NIC:
+    the next client brings the NIC back and removes the namespace."""
+    generate_key_file(tmp_path / "key")
+    server, desk = lab.host("srv"), lab.host("desk")
+    lab.cable(server, "link0", desk, "eth0")
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
+    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"blprobe-{dead.pid}-1"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    lab.hosts.append(type(desk)(stale))  # removed by the lab even if the client fails
+    desk.run(["ip", "link", "set", "eth0", "netns", stale], check=True)
+    ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
+    out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["interface"] == "eth0"
+    assert not Path("/run/netns", stale).exists()
