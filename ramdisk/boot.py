@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 EMBEDDED_CONFIG = Path("/etc/bootlink/config.yaml")
 RUN_CONFIG = Path("/run/bootlink/config.yaml")
 ROLES = ("server", "client", "selftest")
@@ -89,6 +87,8 @@ def parse_cmdline(cmdline: str) -> BootArgs:
                     f"bootlink.{key}: not a config key; use bootlink.<section>.<key>=value "
                     f"with section one of link, server, client (or bootlink.key=PATH)"
                 )
+            import yaml
+
             try:
                 parsed = yaml.safe_load(value) if value else ""
             except yaml.YAMLError:
@@ -112,6 +112,8 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_config(args: BootArgs, embedded: Path = EMBEDDED_CONFIG) -> dict[str, Any]:
     """The config as data: the file (named or embedded) with the command line's overrides."""
+    import yaml
+
     path = args.config or embedded
     data: dict[str, Any] = {}
     if path.exists():
@@ -157,6 +159,8 @@ def main() -> int:
         return 2
     if args.role == "selftest":
         return selftest()
+    import yaml
+
     from bootlink.common.config import config_from_dict, to_dict
     from bootlink.common.errors import BootlinkError
 

@@ -483,6 +483,38 @@ def system_layer(
     return dest / "system.cpio.zst", facts
 
 
+def pyroute2_names_used(tree: Path) -> set[str]:
+    """Names bootlink takes from the top-level pyroute2 package (`from pyroute2 import`)."""
+    names: set[str] = set()
+    for py in sorted(tree.rglob("*.py")):
+        for node in ast.walk(ast.parse(py.read_bytes(), str(py))):
+            if isinstance(node, ast.ImportFrom) and node.module == "pyroute2" and not node.level:
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+def trim_pyroute2_entry_points(rootfs: Path, stage: Path) -> None:
+    """`import pyroute2` loads every class its entry points name (NDB, IPDB, nftables,
+    ...: about 60 modules, seconds under emulation). The image's copy lists only the names
+    bootlink imports; the file goes into the bootlink layer, which Linux unpacks after the
+    system layer, so it replaces Debian's there."""
+    dist = "usr/lib/python3/dist-packages"
+    infos = sorted((rootfs / dist).glob("pyroute2-*.dist-info/entry_points.txt"))
+    if not infos:
+        return
+    used = pyroute2_names_used(stage / dist / "bootlink")
+    out, section = [], ""
+    for line in infos[0].read_text().splitlines():
+        if line.startswith("["):
+            section = line
+        elif section == "[pyroute2]" and "=" in line and line.split("=")[0].strip() not in used:
+            continue
+        out.append(line)
+    dest = stage / infos[0].relative_to(rootfs)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(out) + "\n")
+
+
 class _SkipCompile(Exception):
     pass
 
@@ -515,6 +547,7 @@ def bootlink_layer(rootfs: Path, opts: BuildOptions, work: Path) -> tuple[Path, 
         pass
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    trim_pyroute2_entry_points(rootfs, stage)
     for d in ("usr", "usr/lib", "usr/lib/python3", "usr/lib/python3/dist-packages"):
         os.chmod(stage / d, 0o755)
     cpio = work / "bootlink.cpio"

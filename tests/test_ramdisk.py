@@ -280,3 +280,23 @@ def test_local_top_does_nothing_without_bootlink_keys(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
     assert subprocess.run(["sh", str(LOCAL_TOP), "prereqs"], capture_output=True).returncode == 0
+
+
+def test_pyroute2_entry_points_trimmed_to_what_bootlink_imports(tmp_path):
+    rootfs, stage = tmp_path / "root", tmp_path / "stage"
+    info = rootfs / "usr/lib/python3/dist-packages/pyroute2-0.7.2.dist-info"
+    info.mkdir(parents=True)
+    (info / "entry_points.txt").write_text(
+        "[console_scripts]\nss2 = pyroute2.netlink.diag.ss2:run\n\n[pyroute2]\n"
+        "IPRoute = pyroute2.iproute:IPRoute\nNDB = pyroute2.ndb.main:NDB\n"
+        "netns = pyroute2.netns\nipdb = pyroute2.ipdb\n"
+    )
+    code = stage / "usr/lib/python3/dist-packages/bootlink/common"
+    code.mkdir(parents=True)
+    (code / "net.py").write_text("from pyroute2 import (\n    IPRoute,\n    netns,\n)\nimport os\n")
+    (code / "other.py").write_text("def f():\n    from pyroute2.netlink import nlmsg\n")
+    build.trim_pyroute2_entry_points(rootfs, stage)
+    text = (stage / info.relative_to(rootfs) / "entry_points.txt").read_text()
+    assert "IPRoute = pyroute2.iproute:IPRoute" in text and "netns = pyroute2.netns" in text
+    assert "NDB" not in text and "ipdb" not in text
+    assert "ss2 = pyroute2.netlink.diag.ss2:run" in text  # other sections untouched
