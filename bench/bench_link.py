@@ -130,77 +130,82 @@ def main() -> int:
                 time.sleep(0.5)
                 assert plain.poll() is None
 
-                # (a) sealed vs plain
-                out = desk.run([sys.executable, "-c", FETCH, str(cfg), "8080", str(args.runs)])
-                assert out.returncode == 0, out.stderr
-                r = json.loads(out.stdout)
-                s, p = rate(r["sealed"]), rate(r["plain"])
-                results["a"] = (
-                    f"(a) sealed transfer {s / 1e6:.0f} MB/s vs plain HTTP {p / 1e6:.0f} MB/s: "
-                    f"ratio {s / p:.2f} (target >= 0.6)"
-                )
-                print(results["a"], flush=True)
+                if "a" in args.only:
+                    # (a) sealed vs plain
+                    out = desk.run([sys.executable, "-c", FETCH, str(cfg), "8080", str(args.runs)])
+                    assert out.returncode == 0, out.stderr
+                    r = json.loads(out.stdout)
+                    s, p = rate(r["sealed"]), rate(r["plain"])
+                    results["a"] = (
+                        f"(a) sealed transfer {s / 1e6:.0f} MB/s vs plain HTTP {p / 1e6:.0f} MB/s: "
+                        f"ratio {s / p:.2f} (target >= 0.6)"
+                    )
+                    print(results["a"], flush=True)
 
-                # (d) NBD through bootlink vs bare nbdkit on the same link
-                ll = srv.link_local("link0")
-                bare = lab.start(
-                    srv,
-                    [
-                        "nbdkit",
-                        "-f",
-                        "-p",
-                        "10810",
-                        "-i",
-                        f"{ll}%link0",
-                        "--exportname",
-                        "bootlink",
-                        "file",
-                        f"file={work / 'disk.img'}",
-                    ],
-                    work / "bare.log",
-                )
-                time.sleep(0.5)
-                assert bare.poll() is None
-                ours_uri = f"nbd://[{ll}%25eth0]:10809/bootlink"
-                bare_uri = f"nbd://[{ll}%25eth0]:10810/bootlink"
-                ours, theirs = [], []
-                for _ in range(args.runs):
-                    for uri, acc in ((ours_uri, ours), (bare_uri, theirs)):
-                        o = desk.run([sys.executable, "-c", NBD_READ, uri])
-                        assert o.returncode == 0, o.stderr
-                        acc.append(float(o.stdout))
-                mo, mb = statistics.median(ours), statistics.median(theirs)
-                results["d"] = (
-                    f"(d) NBD sequential read via bootlink {mo / 1e6:.0f} MB/s vs bare nbdkit "
-                    f"{mb / 1e6:.0f} MB/s: ratio {mo / mb:.2f} (target >= 0.95)"
-                )
-                print(results["d"], flush=True)
+                if "d" in args.only:
+                    # (d) NBD through bootlink vs bare nbdkit on the same link
+                    ll = srv.link_local("link0")
+                    bare = lab.start(
+                        srv,
+                        [
+                            "nbdkit",
+                            "-f",
+                            "-p",
+                            "10810",
+                            "-i",
+                            f"{ll}%link0",
+                            "--exportname",
+                            "bootlink",
+                            "file",
+                            f"file={work / 'disk.img'}",
+                        ],
+                        work / "bare.log",
+                    )
+                    time.sleep(0.5)
+                    assert bare.poll() is None
+                    ours_uri = f"nbd://[{ll}%25eth0]:10809/bootlink"
+                    bare_uri = f"nbd://[{ll}%25eth0]:10810/bootlink"
+                    ours, theirs = [], []
+                    for _ in range(args.runs):
+                        for uri, acc in ((ours_uri, ours), (bare_uri, theirs)):
+                            o = desk.run([sys.executable, "-c", NBD_READ, uri])
+                            assert o.returncode == 0, o.stderr
+                            acc.append(float(o.stdout))
+                    mo, mb = statistics.median(ours), statistics.median(theirs)
+                    results["d"] = (
+                        f"(d) NBD sequential read via bootlink {mo / 1e6:.0f} MB/s vs bare nbdkit "
+                        f"{mb / 1e6:.0f} MB/s: ratio {mo / mb:.2f} (target >= 0.95)"
+                    )
+                    print(results["d"], flush=True)
 
-                # (b) peak RSS of a real client receiving 1 GiB
-                for name in ("kernel", "initrd"):
-                    os.truncate(work / name, 0)
-                fill(work / "initrd", 1 << 30)
-                (work / "kernel").write_bytes(os.urandom(8 << 20))
-                o = desk.run(
-                    [
-                        "/usr/bin/time",
-                        "-f",
-                        "maxrss_kib=%M",
-                        *BOOTLINK,
-                        "client",
-                        "--config",
-                        str(cfg),
-                        "--dry-run",
-                        "--json",
-                    ]
-                )
-                assert o.returncode == 0, o.stderr
-                rss = int(re.search(r"maxrss_kib=(\d+)", o.stderr).group(1)) / 1024
-                results["b"] = f"(b) client peak RSS receiving 1 GiB: {rss:.0f} MB (target <= 100)"
-                print(results["b"], flush=True)
-                for name in ("kernel", "initrd"):
-                    (work / "dl" / name).unlink()
-                os.truncate(work / "initrd", 1 << 20)
+                if "b" in args.only:
+                    # (b) peak RSS of a real client receiving 1 GiB
+                    for name in ("kernel", "initrd"):
+                        os.truncate(work / name, 0)
+                    fill(work / "initrd", 1 << 30)
+                    (work / "kernel").write_bytes(os.urandom(8 << 20))
+                    o = desk.run(
+                        [
+                            "/usr/bin/time",
+                            "-f",
+                            "maxrss_kib=%M",
+                            *BOOTLINK,
+                            "client",
+                            "--config",
+                            str(cfg),
+                            "--dry-run",
+                            "--json",
+                        ]
+                    )
+                    assert o.returncode == 0, o.stderr
+                    rss = int(re.search(r"maxrss_kib=(\d+)", o.stderr).group(1)) / 1024
+                    results["b"] = (
+                        f"(b) client peak RSS receiving 1 GiB: {rss:.0f} MB (target <= 100)"
+                    )
+                    print(results["b"], flush=True)
+                    for name in ("kernel", "initrd"):
+                        (work / "dl" / name).unlink()
+                    os.truncate(work / "initrd", 1 << 20)
             finally:
                 lab.close()
 

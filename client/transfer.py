@@ -72,12 +72,18 @@ class _Body:
     def readinto(self, buf) -> int:
         try:
             return self._resp.readinto(buf)
-        except (http.client.IncompleteRead, OSError):
+        except (http.client.IncompleteRead, OSError, ValueError):  # ValueError: closed
             return 0
+
+    def close(self) -> None:
+        """Unblock a reader thread at once (used when we give up on the stream)."""
+        with contextlib.suppress(OSError):
+            self._resp.close()
 
 
 def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
-    reader = wire.FrameReader(k_sess, _Body(resp))
+    body = resp if isinstance(resp, _Body) else _Body(resp)
+    reader = wire.FrameReader(k_sess, body)
     first, last = reader.next()
     manifest = wire.BootManifest.from_bytes(first)
     names = [f.name for f in manifest.files]
@@ -126,6 +132,7 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
             os.replace(part, final[n])
         return Received(manifest, final)
     finally:
+        body.close()  # on failure the feeder thread may sit in a read: unblock it first
         frames.close()
         for part in parts.values():
             with contextlib.suppress(FileNotFoundError):
