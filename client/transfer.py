@@ -82,8 +82,8 @@ class _Body:
 
 
 def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
-    body = resp if isinstance(resp, _Body) else _Body(resp)
-    reader = wire.FrameReader(k_sess, body)
+    stream = _Body(resp)
+    reader = wire.FrameReader(k_sess, stream)
     first, last = reader.next()
     manifest = wire.BootManifest.from_bytes(first)
     names = [f.name for f in manifest.files]
@@ -132,7 +132,7 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
             os.replace(part, final[n])
         return Received(manifest, final)
     finally:
-        body.close()  # on failure the feeder thread may sit in a read: unblock it first
+        stream.close()  # on failure the feeder thread may sit in a read: unblock it first
         frames.close()
         for part in parts.values():
             with contextlib.suppress(FileNotFoundError):
