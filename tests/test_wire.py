@@ -214,3 +214,51 @@ def test_fuzz_frame_reader(data):
             reader.next()
     except ProtocolError:
         pass
+
+
+def test_trigger_round_trip_binding_and_key():
+    nonce, ch = wire.new_nonce(), os.urandom(16)
+    offer = wire.encode_trigger_offer(K1, nonce, wire.TriggerOffer(ch, "laptop"))
+    assert wire.decode_trigger_offer(K1, nonce, offer) == wire.TriggerOffer(ch, "laptop")
+    with pytest.raises(ProtocolError):
+        wire.decode_trigger_offer(K1, wire.new_nonce(), offer)
+    with pytest.raises(ProtocolError):
+        wire.decode_trigger_offer(K2, nonce, offer)
+    trig = wire.encode_trigger(K1, ch)
+    assert wire.decode_trigger(K1, trig) == ch
+    with pytest.raises(ProtocolError):
+        wire.decode_trigger(K2, trig)
+    forged = trig[:5] + os.urandom(16) + trig[21:]  # another challenge, same seal
+    with pytest.raises(ProtocolError):
+        wire.decode_trigger(K1, forged)
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_trigger_messages(data):
+    try:
+        wire.decode_trigger_offer(K1, data[5:21] if len(data) > 21 else b"x" * 16, data)
+    except ProtocolError:
+        pass
+    try:
+        wire.decode_trigger(K1, data)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_full_download_disk_is_one_clear_error(tmp_path):
+    import subprocess
+
+    frames, k, _ = _stream(tmp_path, kernel=b"K" * 300_000, initrd=b"I" * 300_000)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True)
+    try:
+        from bootlink.client.transfer import _receive
+
+        with pytest.raises(BootlinkError, match="download_dir") as ei:
+            _receive(io.BytesIO(b"".join(frames)), k, small / "dl", progress=False)
+        assert "\n" not in str(ei.value)
+        assert list((small / "dl").iterdir()) == []  # nothing half-written is left
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
