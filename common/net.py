@@ -150,10 +150,6 @@ def move_to_netns(ipr: IPRoute, nic: Nic, target: str | int) -> None:
         ) from None
 
 
-def create_netns(name: str) -> None:
-    netns.create(name)
-
-
 def remove_netns(name: str) -> None:
     with contextlib.suppress(FileNotFoundError, OSError):
         netns.remove(name)
@@ -220,10 +216,6 @@ def private_netns(name: str) -> Iterator[int]:
 def scoped(addr: str, ifname: str) -> str:
     """'fe80::1' + 'eth0' -> 'fe80::1%eth0' (link-local addresses need their interface)."""
     return f"{addr}%{ifname}" if ipaddress.IPv6Address(addr).is_link_local else addr
-
-
-def sockaddr(addr: str, port: int, ifindex: int) -> tuple[str, int, int, int]:
-    return (addr, port, 0, ifindex)
 
 
 def retry_bind(sock: socket.socket, address: tuple, deadline: float) -> None:
