@@ -59,6 +59,7 @@ class BuildOptions:
     variant: str = "slim"  # "slim" (the product) or "full" (stiefelsystem-style, for bench)
     use_cache: bool = True
     sources: tuple[Path, ...] = ()  # apt sources files; default: the host's Debian ones
+    source_root: Path | None = None  # a bootlink checkout to install; default: this one
 
 
 @dataclass
@@ -238,9 +239,10 @@ def check_pins(pins: dict[str, str], got: list[dict]) -> None:
         )
 
 
-def bootlink_packages() -> dict[str, Path]:
+def bootlink_packages(source_root: Path | None = None) -> dict[str, Path]:
     """bootlink's import packages and their source folders (setup.py's package_dir)."""
-    setup_py = REPO_ROOT / "setup.py"
+    root = Path(source_root) if source_root else REPO_ROOT
+    setup_py = root / "setup.py"
     if setup_py.exists():
         tree = ast.parse(setup_py.read_text())
         for node in ast.walk(tree):
@@ -250,7 +252,7 @@ def bootlink_packages() -> dict[str, Path]:
                 and node.targets[0].id == "SUBPACKAGES"
             ):
                 mapping = ast.literal_eval(node.value)
-                return {name: REPO_ROOT / folder for name, folder in mapping.items()}
+                return {name: root / folder for name, folder in mapping.items()}
     # Installed (not from a checkout): the folders already sit at bootlink/<sub>.
     import bootlink
 
@@ -263,11 +265,11 @@ def bootlink_packages() -> dict[str, Path]:
     return found
 
 
-def install_bootlink(root: Path) -> int:
+def install_bootlink(root: Path, source_root: Path | None = None) -> int:
     """Copy bootlink's sources (not bytecode or tests) into the image's dist-packages."""
     dist = root / "usr" / "lib" / "python3" / "dist-packages"
     count = 0
-    for name, src in sorted(bootlink_packages().items()):
+    for name, src in sorted(bootlink_packages(source_root).items()):
         dst = dist / Path(*name.split("."))
         dst.mkdir(parents=True, exist_ok=True)
         for path in sorted(src.rglob("*")):
@@ -522,7 +524,7 @@ class _SkipCompile(Exception):
 def bootlink_layer(rootfs: Path, opts: BuildOptions, work: Path) -> tuple[Path, dict]:
     """bootlink's Python package with bytecode compiled by the ramdisk's own python3."""
     stage = work / "bootlink"
-    n_files = install_bootlink(stage)
+    n_files = install_bootlink(stage, opts.source_root)
     # Compile with the image's interpreter (its version decides the bytecode), inside a
     # scratch folder of the cached root, with a fixed hash seed and no timestamps.
     scratch = Path(tempfile.mkdtemp(prefix="bootlink-pyc-", dir=rootfs / "tmp"))
@@ -589,8 +591,11 @@ def build(opts: BuildOptions) -> BuildResult:
             "system", f"system layer: prune, modules, /init, cpio, zstd -{opts.zstd_level} (cached)"
         ):
             system, facts = system_layer(rootfs, kernel, opts, work)
+            system_path = system
         with steps.step("bootlink", "bootlink layer: sources + bytecode, cpio, zstd"):
             layer, bl_facts = bootlink_layer(rootfs, opts, work)
+            layer_path_bl = out / "bootlink.cpio.zst"
+            shutil.copyfile(layer, layer_path_bl)
             # One file for both roles: Linux unpacks concatenated archives in order.
             _concat([system, layer], out / "ramdisk.cpio.zst")
             shutil.copyfile(kernel.vmlinuz, out / "vmlinuz")
@@ -622,6 +627,10 @@ def build(opts: BuildOptions) -> BuildResult:
             "requested_packages": pkgs,
             "packages": installed,
             "modules": facts["modules"],
+            "layers": {
+                "system": sha256_file(system_path),
+                "bootlink": sha256_file(layer_path_bl),
+            },
             "bootlink_files": bl_facts["bootlink_files"],
             "uncompressed_bytes": cpio_size,
             "tree_bytes": facts["tree_bytes"],

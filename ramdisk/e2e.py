@@ -31,7 +31,7 @@ import yaml
 
 from bootlink.common.config import Config, config_from_dict, to_dict
 from bootlink.common.errors import BootlinkError
-from bootlink.common.keys import generate_key_file
+from bootlink.common.keys import generate_key_file, load_key_file
 
 from . import build as rbuild
 from . import qemu, target
@@ -123,14 +123,30 @@ def _write_config(data: dict, path: Path) -> Config:
     return cfg
 
 
+def _key(workdir: Path, key_from: Path | None) -> Path:
+    """A fresh key per run, or a copy of the user's (mode 0600) when one is given."""
+    key = workdir / "key"
+    key.unlink(missing_ok=True)
+    if key_from is None:
+        generate_key_file(key)
+    else:
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(load_key_file(key_from).secret)
+    return key
+
+
 def run_client_scenario(
-    art: Artifacts, workdir: Path, timeout: float = 240.0, cpus: int = 1, memory: int = 1024
+    art: Artifacts,
+    workdir: Path,
+    timeout: float = 240.0,
+    cpus: int = 1,
+    memory: int = 1024,
+    key_from: Path | None = None,
 ) -> Result:
     """Guest = client (ramdisk), host namespace = `bootlink server`; waits for the marker."""
     workdir.mkdir(parents=True, exist_ok=True)
-    key = workdir / "key"
-    key.unlink(missing_ok=True)
-    generate_key_file(key)
+    key = _key(workdir, key_from)
     disk = workdir / "laptop-disk.img"
     subprocess.run(["cp", "--sparse=always", str(art.disk.image), str(disk)], check=True)
     nics = _nics()
@@ -181,13 +197,16 @@ def run_client_scenario(
 
 
 def run_server_scenario(
-    art: Artifacts, workdir: Path, timeout: float = 240.0, cpus: int = 1, memory: int = 1024
+    art: Artifacts,
+    workdir: Path,
+    timeout: float = 240.0,
+    cpus: int = 1,
+    memory: int = 1024,
+    key_from: Path | None = None,
 ) -> Result:
     """Guest = server (ramdisk, virtio disk), host namespace = `bootlink client --dry-run`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    key = workdir / "key"
-    key.unlink(missing_ok=True)
-    generate_key_file(key)
+    key = _key(workdir, key_from)
     disk = workdir / "laptop-disk.img"
     subprocess.run(["cp", "--sparse=always", str(art.disk.image), str(disk)], check=True)
     nics = _nics()

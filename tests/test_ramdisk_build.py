@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("BOOTLINK_CACHE", REPO / "cache"))
 
 
+def _snapshot_sources(dest: Path) -> Path:
+    """A frozen copy of the checkout: edits made while the test runs must not count."""
+    for name, src in build.bootlink_packages().items():
+        folder = dest / src.relative_to(REPO)
+        shutil.copytree(src, folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+        assert name
+    shutil.copy2(REPO / "setup.py", dest / "setup.py")
+    return dest
+
+
 def test_two_builds_are_byte_identical(tmp_path):
+    src = _snapshot_sources(tmp_path / "src")
     # The kernel download may come from the shared cache; the root and layers may not.
     first_cache, second_cache = tmp_path / "c1", tmp_path / "c2"
     for c in (first_cache, second_cache):
@@ -29,13 +42,15 @@ def test_two_builds_are_byte_identical(tmp_path):
         (c / "kernel").symlink_to(CACHE / "kernel")
     level = 19
     a = build.build(
-        build.BuildOptions(output=tmp_path / "a", cache=first_cache, zstd_level=level)
+        build.BuildOptions(
+            output=tmp_path / "a", cache=first_cache, zstd_level=level, source_root=src
+        )
     )
     pins = packages.load_pins(tmp_path / "a" / "manifest.json")
     b = build.build(
         build.BuildOptions(
             output=tmp_path / "b", cache=second_cache, zstd_level=level, pins=pins,
-            use_cache=False,
+            use_cache=False, source_root=src,
         )
     )  # fmt: skip
     fa, fb = a.manifest["files"], b.manifest["files"]
