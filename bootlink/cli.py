@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "bootlink.client.cli",
     "bootlink.client.sources.cli",
     "bootlink.ramdisk.cli",
+    "bootlink.usb.cli",
 ]
 
 

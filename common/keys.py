@@ -91,10 +91,14 @@ def load_key_file(path: Path) -> SharedKey:
                 f"key file {path} is readable by group/others (mode {st.st_mode & 0o777:o}): "
                 f"run 'chmod 600 {path}'"
             )
-        data = os.read(fd, KEY_SIZE + 1)
+        data = os.read(fd, 4096)  # a raw key is 32 bytes; a passphrase-wrapped one 88
     finally:
         os.close(fd)
     if len(data) != KEY_SIZE:
+        from bootlink.usb import keywrap  # a stick's key: `bootlink usb create --passphrase`
+
+        if keywrap.is_wrapped(data):
+            return SharedKey(keywrap.unlock(data, path))
         raise KeyFileError(
             f"key file {path} holds {len(data)} bytes, not {KEY_SIZE}: "
             f"regenerate it with 'bootlink keygen --key {path} --force' on one side and copy it"
