@@ -65,13 +65,17 @@ case "$host" in
 fe80:* | FE80:*) target="$host%$ifname" ;;
 *) target="$host" ;;
 esac
-# -nonetlink: the ioctl mode keeps nbd-client running, which -persist needs to reconnect
-# after a cable glitch; -systemd-mark (argv[0] starts with '@') keeps systemd from
-# killing it when leaving the initrd and at shutdown: the root filesystem depends on it.
+# Netlink mode: the kernel itself holds the connection and no process has to survive.
+# The ioctl mode (-nonetlink) keeps nbd-client blocked in NBD_DO_IT, which ANY signal
+# interrupts, and the kernel then shuts the socket: systemd's switch-root and final
+# shutdown send SIGSTOP/SIGCONT to every process (kill(-1, ...)), '@'-marked ones
+# included, so root I/O fails right at the switch (seen in QEMU). No -timeout: on a cut
+# cable I/O waits and the same TCP connection resumes when it is back (both link-local
+# addresses stay). -persist/-systemd-mark matter only to nbd-client versions that keep a
+# monitoring process in netlink mode.
 tries=0
 # shellcheck disable=SC2086
-until nbd-client "$target" "$port" "$dev" -N "$export_name" -nonetlink -persist \
-    -systemd-mark -timeout 60 $ro; do
+until nbd-client "$target" "$port" "$dev" -N "$export_name" -persist -systemd-mark $ro; do
     tries=$((tries + 1))
     [ "$tries" -ge 15 ] && fail "nbd-client could not attach [$target]:$port ($export_name)"
     sleep 1
