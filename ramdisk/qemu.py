@@ -185,6 +185,7 @@ class VM:
     cpus: int = 1
     log_path: Path | None = None
     extra: list[str] = field(default_factory=list)
+    stdin_pipe: bool = False  # True: send() types into the serial console (usb passphrase)
     proc: subprocess.Popen | None = None
     console: ConsoleLog | None = None
     _reader: threading.Thread | None = None
@@ -208,7 +209,7 @@ class VM:
         try:
             self.proc = subprocess.Popen(
                 [*self.ns.exec_prefix, *self.command()],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C of the test reaches us, not QEMU directly
@@ -232,6 +233,12 @@ class VM:
     def wait_for(self, pattern: str, timeout: float, fail: str | None = None) -> ConsoleLine:
         assert self.console is not None
         return self.console.wait_for(pattern, timeout, fail)
+
+    def send(self, text: str) -> None:
+        """Type `text` on the guest's serial console (needs stdin_pipe=True)."""
+        assert self.proc is not None and self.proc.stdin is not None, "VM(stdin_pipe=True)"
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
 
     def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None

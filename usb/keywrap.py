@@ -147,7 +147,7 @@ def unlock(
     err = err if err is not None else sys.stderr
     ask = ask if ask is not None else ask_console
     for attempt in range(1, tries + 1):
-        passphrase = ask(f"bootlink: passphrase for the key {path}: ")
+        passphrase = ask(f"bootlink: the key {path} is protected by a passphrase\npassphrase: ")
         if passphrase is None:
             raise KeyFileError(f"no passphrase given for {path}: the key stays locked")
         try:
@@ -177,11 +177,13 @@ def ask_console(prompt: str, fd: int | None = None, err=None) -> str | None:
     old = termios.tcgetattr(fd)
     new = list(old)
     new[3] &= ~termios.ECHO  # lflags: no echo, keep ICANON (line editing, Enter ends)
-    err.write(prompt)
-    err.flush()
     with contextlib.ExitStack() as stack:
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-        stack.callback(termios.tcsetattr, fd, termios.TCSAFLUSH, old)
+        # Echo off before the prompt shows, and no input flush (unlike getpass): whatever
+        # is typed once the prompt is visible is kept and never echoed.
+        termios.tcsetattr(fd, termios.TCSADRAIN, new)
+        stack.callback(termios.tcsetattr, fd, termios.TCSADRAIN, old)
+        err.write(prompt)
+        err.flush()
         line = _read_line(fd)
     err.write("\n")
     err.flush()
