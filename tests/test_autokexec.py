@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -447,3 +448,35 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     broken.write_text(rendered.read_text().replace("ExecStart=", "ExecStart=/nonexistent/x "))
     proc = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True)
     assert proc.returncode != 0  # the check can fail
+
+
+@pytest.mark.parametrize(("typed", "expected"), [(b"\n", True), (b"y\r", True), (b"no\n", False)])
+def test_console_question_answers(typed, expected):
+    master, slave = os.openpty()
+    try:
+        confirm = ak.ConsoleConfirmer(os.ttyname(slave))
+        result = []
+        t = threading.Thread(target=lambda: result.append(confirm("Go?", 10)))
+        t.start()
+        prompt = b""
+        while b"[Y/n]" not in prompt:
+            assert select.select([master], [], [], 5)[0]
+            prompt += os.read(master, 1024)
+        os.write(master, typed)
+        t.join(5)
+        assert result == [expected]
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_console_silence_means_yes_after_the_timeout():
+    master, slave = os.openpty()
+    try:
+        t0 = time.monotonic()
+        assert ak.ConsoleConfirmer(os.ttyname(slave))("Go?", 0.5) is True
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert ak.ConsoleConfirmer("/nonexistent/tty")("Go?", 5) is True  # nobody to ask
+    finally:
+        os.close(master)
+        os.close(slave)
