@@ -173,7 +173,7 @@ def test_load_key_file_asks_until_right(tmp_path, monkeypatch, capsys):
     assert key.secret == secret
     err = capsys.readouterr().err
     assert "bootlink: wrong passphrase (4 tries left)\n" in err
-    assert "bootlink: key unlocked" in err and "open sesame" not in err
+    assert f"bootlink: key unlocked (key id {key.key_id()})" in err and "open sesame" not in err
     assert len(prompts) == 2 and str(path) in prompts[0]
     # one prompt per boot: loading the same file again does not ask
     monkeypatch.setattr(keywrap, "ask_console", lambda p: pytest.fail("asked twice"))

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from bootlink.common import eax
 from bootlink.common.errors import KeyFileError
+from bootlink.common.keys import SharedKey
 
 MAGIC = b"BLWK"
 VERSION = 1
@@ -157,7 +158,8 @@ def unlock(
             print(f"bootlink: wrong passphrase ({left} tries left)", file=err, flush=True)
             continue
         _unlocked[data] = secret
-        print("bootlink: key unlocked", file=err, flush=True)
+        key_id = SharedKey(secret).key_id()  # public fingerprint: shows it is the right key
+        print(f"bootlink: key unlocked (key id {key_id})", file=err, flush=True)
         return secret
     raise KeyFileError(f"{tries} wrong passphrases for {path}: reboot to try again")
 
