@@ -14,6 +14,7 @@ SUBPACKAGES = {
     "bootlink.client.sources": "client/sources",
     "bootlink.usb": "usb",
     "bootlink.ramdisk": "ramdisk",
+    "bootlink.systemd": "systemd",  # data only: unit, udev rule, NetworkManager snippet
 }
 
 setup(
@@ -26,7 +27,7 @@ setup(
     package_data={
         "bootlink.ramdisk": ["files/*", "files/**/*"],
         "bootlink.server": ["hooks/**/*"],
-        "bootlink": ["systemd/*"],
+        "bootlink.systemd": ["*.service", "*.rules", "*.conf"],
     },
     include_package_data=True,
     # libnbd's bindings come from Debian's python3-libnbd (`import nbd`); the PyPI
