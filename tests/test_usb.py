@@ -418,6 +418,7 @@ def test_cli_image_with_passphrase_from_stdin(
         (["--device", "/dev/bootlink-no-such-stick"], "not found: plug the stick in"),
         (["--device", "{tmp}/s.img"], "not a block device: to write an image file use --image"),
         (["--device", "/dev/null", "--size", "1G"], "--size is for --image only"),
+        (["--image", "/dev/null"], "not a regular file: to write a stick use --device"),
         (["--image", "{tmp}/s.img", "--size", "10M"], "too small"),
     ],
 )  # fmt: skip
@@ -493,6 +494,27 @@ def test_write_image_to_a_file_reads_back(tmp_path, config_path, ramdisk_dir):
     for off, n in built.layout.extents():
         assert dst[off : off + n] == src[off : off + n]
     assert len(digest) == 64
+
+
+def test_write_image_detects_a_stick_that_lies(tmp_path, monkeypatch):
+    """A stick that acknowledges writes but reads back other bytes (fake capacity, worn
+    flash) is caught by the read-back."""
+    src = tmp_path / "img"
+    src.write_bytes(os.urandom(3 * MIB))
+    target = tmp_path / "target"
+    target.write_bytes(bytes(3 * MIB))
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        if os.readlink(f"/proc/self/fd/{fd}") == str(target) and offset <= 2 * MIB < offset + n:
+            i = 2 * MIB - offset
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        return data
+
+    monkeypatch.setattr(device.os, "pread", pread)
+    with pytest.raises(BootlinkError, match=r"verification failed: .* the stick may be faulty"):
+        device.write_image(src, target, [(0, 3 * MIB)], progress=False)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -90,6 +91,8 @@ def _create(args: argparse.Namespace) -> int:
     if args.device:
         dev = device.inspect(args.device)
         device.refuse_unsafe(dev)
+        if not os.access(dev.path, os.W_OK):
+            raise BootlinkError(f"no permission to write {dev.path}: run it with sudo")
         need = stick.estimate_disk_bytes(rd)
         if dev.size < need:
             raise BootlinkError(

@@ -259,6 +259,8 @@ def write_image(
     total = sum(n for _, n in extents)
     try:
         out = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except PermissionError:
+        raise BootlinkError(f"no permission to write {target}: run it with sudo") from None
     except OSError as exc:
         raise BootlinkError(
             f"cannot open {target} exclusively: {exc.strerror}; is it mounted or in use?"

@@ -199,6 +199,10 @@ def check_writable(dest: Path) -> None:
     parent = dest.parent if str(dest.parent) else Path(".")
     if dest.is_dir():
         raise BootlinkError(f"image path {dest} is a directory: give a file name")
+    if dest.exists() and not dest.is_file():
+        raise BootlinkError(
+            f"image path {dest} exists and is not a regular file: to write a stick use --device"
+        )
     if not parent.is_dir():
         raise BootlinkError(f"image path {dest}: directory {parent} does not exist; create it")
     if not os.access(parent, os.W_OK | os.X_OK) or (dest.exists() and not os.access(dest, os.W_OK)):

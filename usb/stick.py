@@ -156,6 +156,7 @@ def build_stick(opts: StickOptions, dest: Path) -> image.BuiltImage:
             "key": key_facts,
             "boot": ["uefi", "bios"] if opts.bios else ["uefi"],
             "source_date_epoch": opts.epoch,
+            "uki_stub_sha256": sha256_file(uki.find_stub()),
             # config.zst holds the key: its hash is left out (the UKI's is no secret either
             # way, but there is no reason to publish a function of the key twice)
             "files": {f.dest: sha256_file(f.source) for f in files if f.source != layer},
