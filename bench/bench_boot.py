@@ -36,7 +36,9 @@ ROWS = (
 )  # fmt: skip
 
 
-def build_fresh(variant: str, level: int, tmp: Path) -> tuple[build.BuildResult, float]:
+def build_fresh(
+    variant: str, level: int, tmp: Path, source: Path | None
+) -> tuple[build.BuildResult, float]:
     cache = tmp / f"cache-{variant}"
     cache.mkdir()
     (cache / "kernel").symlink_to(CACHE / "kernel")  # downloading is not building
@@ -44,7 +46,7 @@ def build_fresh(variant: str, level: int, tmp: Path) -> tuple[build.BuildResult,
     res = build.build(
         build.BuildOptions(
             output=tmp / f"out-{variant}", cache=cache, zstd_level=level, variant=variant,
-            use_cache=False,
+            use_cache=False, source_root=source,
         )
     )  # fmt: skip
     return res, time.monotonic() - t0
@@ -77,6 +79,7 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=1536, help="guest MiB (same for both)")
     ap.add_argument("--variants", default="slim,full")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--source", type=Path, help="bootlink checkout to put in the ramdisks")
     args = ap.parse_args()
     kernel = fetch_kernel(CACHE)
     disk = target.build_target_disk(CACHE)
@@ -86,7 +89,7 @@ def main() -> int:
         tmp = Path(d)
         for variant in args.variants.split(","):
             print(f"[bench] building {variant} from scratch ...", file=sys.stderr)
-            res, seconds = build_fresh(variant, args.zstd_level, tmp)
+            res, seconds = build_fresh(variant, args.zstd_level, tmp, args.source)
             art = e2e.Artifacts(CACHE, res.ramdisk, res.vmlinuz, kernel, disk, initrd,
                                 res.manifest)  # fmt: skip
             print(f"[bench] booting {variant} {args.boots}x ...", file=sys.stderr)

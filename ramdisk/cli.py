@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--kernel", help="kernel package[=version] (default: linux-image-amd64's)")
     b.add_argument("--no-cache", action="store_true", help="rebuild the root and layers")
     b.add_argument("--sources", type=Path, action="append", help="apt sources file(s)")
+    b.add_argument("--source-root", type=Path, help="bootlink checkout to install (default: this)")
     b.add_argument(
         "--variant", choices=("slim", "full"), default="slim",
         help="slim: the product; full: stiefelsystem-style minbase with recommends (benchmark)",
@@ -90,6 +91,7 @@ def _build(args: argparse.Namespace) -> int:
         variant=args.variant,
         use_cache=not args.no_cache,
         sources=tuple(args.sources or ()),
+        source_root=args.source_root,
     )
     _check_root("ramdisk build (mmdebstrap --mode=root, chroot)")
     res = build(opts)
