@@ -289,13 +289,15 @@ def _milestones(console: qemu.ConsoleLog | None, marker: qemu.ConsoleLine | None
     if console is None:
         return {}
     out = console.milestones()
+    after_kexec = False
     for ln in console.lines:
+        stamp = KERNEL_STAMP.match(ln.text)
+        if after_kexec and "second kernel" not in out and stamp:
+            out["second kernel"] = round(ln.t - float(stamp.group(1)), 3)
         for name, pat in PATTERNS.items():
             if name not in out and re.search(pat, ln.text):
                 out[name] = ln.t
-        stamp = KERNEL_STAMP.match(ln.text)
-        if "kexec" in out and "second kernel" not in out and stamp and ln.t > out["kexec"]:
-            out["second kernel"] = round(ln.t - float(stamp.group(1)), 3)
+                after_kexec = after_kexec or name == "kexec"
     if marker is not None:
         out["target marker"] = marker.t
     return dict(sorted(out.items(), key=lambda kv: kv[1]))

@@ -300,3 +300,53 @@ def test_pyroute2_entry_points_trimmed_to_what_bootlink_imports(tmp_path):
     assert "IPRoute = pyroute2.iproute:IPRoute" in text and "netns = pyroute2.netns" in text
     assert "NDB" not in text and "ipdb" not in text
     assert "ss2 = pyroute2.netlink.diag.ss2:run" in text  # other sections untouched
+
+
+# --- QEMU harness pieces that need no QEMU ---------------------------------------------
+
+
+def test_console_log_milestones_and_waits(tmp_path):
+    import threading
+
+    from bootlink.ramdisk import e2e, qemu
+
+    log = qemu.ConsoleLog(tmp_path / "console.log")
+    lines = [
+        "[    0.1] Linux version 6.1",
+        "bootlink-milestone: /init uptime=4.00",
+        "bootlink-milestone: python up uptime=6.50",
+        "12:00:00 bootlink.client.probe: server fe80::1 (vm) found on eth1 after 0.6 s",
+        "12:00:03 bootlink.kexec: loaded x with kexec_file_load; executing",
+        "[    1.500000] second kernel talking",
+        "bootlink-target-marker: abc root=/dev/nbd0p1 ext4",
+    ]
+    for text in lines:
+        log.feed(text.encode() + b"\r\n")
+    t = {ln.text: ln.t for ln in log.lines}
+    ms = e2e._milestones(log, log.lines[-1])
+    assert ms["/init"] == t[lines[1]] and ms["kernel"] == round(t[lines[1]] - 4.0, 3)
+    assert ms["server found"] == t[lines[3]] and ms["kexec"] == t[lines[4]]
+    assert ms["second kernel"] == round(t[lines[5]] - 1.5, 3)
+    assert list(ms) == sorted(ms, key=ms.get)
+    assert log.wait_for("target-marker: abc", 1).text == lines[-1]
+    with pytest.raises(BootlinkError, match="within 0 s"):
+        log.wait_for("never", 0.2)
+    threading.Timer(0.2, log.feed, [b"Kernel panic - not syncing\n"]).start()
+    with pytest.raises(BootlinkError, match="guest failed"):
+        log.wait_for("never", 5, fail="Kernel panic")
+    log.close()
+    with pytest.raises(BootlinkError, match="QEMU exited"):
+        log.wait_for("never", 5)
+    assert "bootlink-milestone: /init" in (tmp_path / "console.log").read_text()
+
+
+def test_vm_command_uses_taps_never_user_networking(tmp_path):
+    from bootlink.ramdisk import qemu
+
+    ns = qemu.Namespace(name="bltest-x")
+    nics = [qemu.Nic("t0", qemu.mac_for(1)), qemu.Nic("t1", qemu.mac_for(2))]
+    vm = qemu.VM(tmp_path / "k", tmp_path / "i", "console=ttyS0", nics, ns)
+    cmd = " ".join(vm.command())
+    assert "-accel tcg" in cmd and "-netdev user" not in cmd
+    assert "tap,id=n1,ifname=t1,script=no,downscript=no" in cmd
+    assert "mac=52:54:00:b1:00:02" in cmd and "-no-reboot" in cmd
