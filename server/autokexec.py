@@ -613,12 +613,12 @@ class Autokexec:
                 ", ".join(_describe(t)),
                 plan.disk,
             )
-            return self._loop(plan)
+            return self._loop(key, cmdline)
         finally:
             for w in watchers:
                 w.close()
 
-    def _loop(self, plan: ServerPlan) -> int:
+    def _loop(self, key: SharedKey, cmdline: str) -> int:
         quiet_until = 0.0
         while not self._stop.is_set():
             try:
@@ -629,6 +629,11 @@ class Autokexec:
                 log.debug("ignoring %s (declined a moment ago)", trigger.detail)
                 continue
             log.info("trigger: %s", trigger.detail)
+            try:  # again: a kernel update may have moved /boot/vmlinuz since we started
+                plan = plan_server(self.cfg, key, cmdline)
+            except BootlinkError as exc:
+                log.error("cannot become the server: %s", exc)
+                continue
             if self.cfg.autokexec.confirm and not self.confirmer(
                 f"bootlink: {trigger.detail}. Restart this laptop as the bootlink server "
                 f"(exporting {plan.disk})?",

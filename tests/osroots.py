@@ -24,7 +24,7 @@ RECIPE = 2  # bump when the recipe below changes
 
 COMMON = ("nbd-client", "iproute2", "kmod", "udev", "zstd", "busybox", "e2fsprogs")
 FLAVOURS = {
-    "initramfs-tools": ("initramfs-tools", *COMMON),
+    "initramfs-tools": ("initramfs-tools", "network-manager", *COMMON),
     "dracut": ("dracut", "systemd", "systemd-sysv", *COMMON),
 }
 
