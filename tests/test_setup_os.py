@@ -306,10 +306,14 @@ def test_real_debian_root(generator, tmp_path, laptop, capsys):
     props = _udev_properties(root, MAC)
     assert "SYSTEMD_WANTS=bootlink-autokexec.service" in props and "NM_UNMANAGED=1" in props
     assert "SYSTEMD_WANTS" not in _udev_properties(root, "02:b1:00:00:00:08")
+    nm_state = root / "var/lib/NetworkManager/NetworkManager-intern.conf"
     if (root / "usr/sbin/NetworkManager").exists():  # NetworkManager reads our rule
+        had_state = nm_state.exists()
         proc = setup_os.Target(root).run(["NetworkManager", "--print-config"])
         assert proc.returncode == 0, proc.stderr
         assert f"unmanaged-devices=mac:{MAC};interface-name:link0" in proc.stdout, proc.stdout
+        if not had_state:  # NetworkManager's own state file, not ours: the test removes it
+            nm_state.unlink()
 
     installed = tree_digest(root)
     capsys.readouterr()
