@@ -69,6 +69,13 @@ class Encryptor(_Stream):
         return _xor(self._prefix, self._mac.finalize())
 
 
+def _bytes(data) -> bytes:
+    # cryptography < 40 (Debian bookworm's 38, which the ramdisk runs) takes only bytes in
+    # CMAC.update; newer versions take any buffer. Copying a frame costs far less than
+    # the MAC itself.
+    return data if isinstance(data, bytes) else bytes(data)
+
+
 class Decryptor(_Stream):
     """Streaming EAX decryption.
 
@@ -81,6 +88,7 @@ class Decryptor(_Stream):
         self._dec = self._ctr.decryptor()
 
     def update(self, ciphertext: bytes) -> bytes:
+        ciphertext = _bytes(ciphertext)
         self._mac.update(ciphertext)
         return self._dec.update(ciphertext)
 
