@@ -59,6 +59,10 @@ class LinkSet:
         with self._lock:
             return set(self.nics)
 
+    def current(self) -> list[net.Nic]:
+        with self._lock:
+            return list(self.nics.values())
+
     def by_index(self, index: int) -> net.Nic | None:
         with self._lock:
             return self.nics.get(index)
@@ -81,6 +85,7 @@ class Server:
             net.list_nics(self.ipr, cfg.link.interfaces)  # fail now if one is missing
         self.links = LinkSet(self.ipr, cfg.link.interfaces, cfg.link.mtu)
         self.exports: dict[int, NbdExport] = {}
+        self._admitted: dict[str, set[str]] = {}  # NIC MAC -> client addresses that proved the key
         self._exports_lock = threading.Lock()
         challenges = ChallengeBook()
         self.discovery = DiscoveryResponder(
@@ -108,17 +113,47 @@ class Server:
         if nic is None:
             raise BootlinkError(f"link #{ifindex} vanished")
         with self._exports_lock:
-            export = self.exports.get(ifindex)
+            # remembered by the NIC's MAC: a USB adapter that is re-plugged comes back with
+            # a new ifindex but the same MAC, hence the same link-local addresses
+            self._admitted.setdefault(nic.mac, set()).add(client_addr.split("%", 1)[0])
+            export = self._export_for(nic)
             if export is None:
-                local = net.link_local_address(self.ipr, ifindex)
-                if local is None:
-                    raise BootlinkError(f"{nic.name} has no link-local address yet")
-                listener = listen_socket(local, self.cfg.link.nbd_port, ifindex)
-                export = NbdExport(
-                    self.disk, self.cfg.server.export_name, self.cfg.server.read_only, listener
-                )
-                self.exports[ifindex] = export
+                raise BootlinkError(f"{nic.name} has no link-local address yet")
             export.allow(client_addr)
+
+    def _export_for(self, nic: net.Nic) -> NbdExport | None:
+        """The NBD export on `nic`, opened if need be (caller holds _exports_lock)."""
+        export = self.exports.get(nic.index)
+        if export is None:
+            local = net.link_local_address(self.ipr, nic.index)
+            if local is None:
+                return None
+            listener = listen_socket(local, self.cfg.link.nbd_port, nic.index)
+            export = NbdExport(
+                self.disk, self.cfg.server.export_name, self.cfg.server.read_only, listener
+            )
+            self.exports[nic.index] = export
+        return export
+
+    def _sync_exports(self) -> None:
+        """Close exports of vanished NICs; reopen them for admitted clients when a NIC
+        comes back (the desktop's `nbd-client -persist` is reconnecting meanwhile)."""
+        live = {n.index: n for n in self.links.current()}
+        with self._exports_lock:
+            for index in [i for i in self.exports if i not in live]:
+                self.exports.pop(index).close()
+            for nic in live.values():
+                admitted = self._admitted.get(nic.mac)
+                if admitted and nic.index not in self.exports:
+                    try:
+                        export = self._export_for(nic)
+                    except BootlinkError as exc:
+                        log.warning("cannot reopen the NBD export on %s: %s", nic.name, exc)
+                        continue
+                    if export is not None:
+                        log.info("%s is back: NBD export reopened", nic.name)
+                        for addr in admitted:
+                            export.allow(addr)
 
     def run(self) -> None:
         self.links.refresh()
@@ -138,13 +173,7 @@ class Server:
         )
         while not self._stop.wait(RESCAN_INTERVAL):
             self.links.refresh()
-            self._drop_exports_of_vanished_links()
-
-    def _drop_exports_of_vanished_links(self) -> None:
-        live = self.links.ifindexes()
-        with self._exports_lock:
-            for index in [i for i in self.exports if i not in live]:
-                self.exports.pop(index).close()
+            self._sync_exports()
 
     def stop(self) -> None:
         self._stop.set()

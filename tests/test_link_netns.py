@@ -359,3 +359,35 @@ def test_nics_left_by_a_killed_client_are_reclaimed(lab, payload, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["interface"] == "eth0"
     assert not Path("/run/netns", stale).exists()
+
+
+def test_replugged_laptop_nic_gets_its_nbd_export_back(lab, payload, tmp_path):
+    """The laptop's USB adapter is pulled and plugged back in (new ifindex, same MAC): the
+    desktop's NBD client can reconnect without authenticating again."""
+    generate_key_file(tmp_path / "key")
+    server, desk = lab.host("srv"), lab.host("desk")
+    lab.cable(server, "link0", desk, "eth0")
+    macs = {
+        "srv": server.run(["cat", "/sys/class/net/link0/address"]).stdout.strip(),
+        "desk": desk.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip(),
+    }
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
+    ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
+    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
+    assert out.returncode == 0, out.stderr
+    uri = json.loads(out.stdout)["nbd_uri"]
+
+    server.run(["ip", "link", "del", "link0"], check=True)  # unplugged: both ends vanish
+    wait_for_log(tmp_path / "srv.log", "link link0 gone", srv)
+    lab.cable(server, "link0", desk, "eth0")  # plugged back: new ifindexes
+    server.run(["ip", "link", "set", "link0", "address", macs["srv"]], check=True)
+    desk.run(["ip", "link", "set", "eth0", "address", macs["desk"]], check=True)
+    desk.run(["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"], check=True)
+    desk.run(["ip", "link", "set", "eth0", "up"], check=True)
+    wait_for_log(tmp_path / "srv.log", "NBD export reopened", srv)
+    desk.link_local("eth0")
+    read = desk.run([sys.executable, "-c", NBD_READ, uri], text=False)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == (payload / "disk.img").read_bytes()
