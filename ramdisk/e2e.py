@@ -257,8 +257,9 @@ def run_server_scenario(
                 )
                 (workdir / "client.log").write_text(proc.stderr)
                 res.milestones = _milestones(vm.console, None)
-                res.milestones["client done"] = round(time.monotonic() - vm.console.t0, 3)
                 res.milestones["client started"] = round(t0, 3)
+                res.milestones["client done"] = round(time.monotonic() - vm.console.t0, 3)
+                res.milestones = dict(sorted(res.milestones.items(), key=lambda kv: kv[1]))
                 if proc.returncode != 0:
                     res.detail = f"client exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
                 else:
@@ -274,6 +275,7 @@ def run_server_scenario(
 
 # Console lines that mark the later milestones (the client's own log lines).
 PATTERNS = {
+    "server serving": r"bootlink\.server: serving",
     "probing": r"bootlink\.client\.link: probing",
     "server found": r"bootlink\.client\.probe: server .* found on",
     "downloaded": r"download: 100%.*done",
