@@ -143,8 +143,11 @@ def run_client_scenario(
     cpus: int = 1,
     memory: int = 1024,
     key_from: Path | None = None,
+    root_arg: str | None = None,
 ) -> Result:
-    """Guest = client (ramdisk), host namespace = `bootlink server`; waits for the marker."""
+    """Guest = client (ramdisk), host namespace = `bootlink server`; waits for the marker.
+
+    `root_arg` replaces the target's `root=UUID=...` (e.g. "root=/dev/nbd0p1")."""
     workdir.mkdir(parents=True, exist_ok=True)
     key = _key(workdir, key_from)
     disk = workdir / "laptop-disk.img"
@@ -161,7 +164,7 @@ def run_client_scenario(
                 "boot": {
                     "kernel": str(art.vmlinuz),
                     "initrd": str(art.target_initrd),
-                    "cmdline": f"root=UUID={art.disk.fs_uuid} {TARGET_CMDLINE}",
+                    "cmdline": f"{root_arg or 'root=UUID=' + art.disk.fs_uuid} {TARGET_CMDLINE}",
                 },
             },
         },
