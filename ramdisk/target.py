@@ -39,7 +39,10 @@ TARGET_INIT = """#!/bin/busybox sh
 /bin/busybox mount -t sysfs sysfs /sys
 root=$(/bin/busybox awk '$2 == "/" {print $1, $3}' /proc/mounts | /bin/busybox tail -n 1)
 up=$(/bin/busybox cut -d' ' -f1 /proc/uptime)
-echo "{prefix} {token} root=$root uptime=$up"
+# the reconnecting NBD client must have survived switch_root (-persist, -systemd-mark)
+# (busybox ps shows "{nbd-client} @bd-client ...": -systemd-mark rewrote argv[0])
+nbdc=$(/bin/busybox ps -o args | /bin/busybox grep -c '[@n]bd-client .*/dev/nbd')
+echo "{prefix} {token} root=$root nbd_clients=$nbdc uptime=$up"
 /bin/busybox sync
 /bin/busybox poweroff -f
 """

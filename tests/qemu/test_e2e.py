@@ -47,6 +47,8 @@ def test_client_boots_laptop_root_over_nbd(artifacts, tmp_path, root_arg):
     assert artifacts.disk.marker in res.marker
     # The root the target's init sees is the NBD partition, not anything else.
     assert "root=/dev/nbd0p1 ext4" in res.marker, res.marker
+    # and the reconnecting nbd-client (-persist) survived switch_root into the target
+    assert "nbd_clients=1" in res.marker, res.marker
     ms = res.milestones
     assert ms["kernel"] < ms["/init"] < ms["python up"] < ms["target marker"], ms
     print("client milestones:", ms)
