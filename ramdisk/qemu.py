@@ -45,7 +45,6 @@ class Namespace:
 
     def create(self) -> Namespace:
         _ip("netns", "add", self.name)
-        self.exec_prefix  # noqa: B018 (documents that it exists now)
         _ip("-n", self.name, "link", "set", "lo", "up")
         return self
 
