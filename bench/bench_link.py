@@ -93,6 +93,50 @@ def fill(path: Path, size: int) -> None:
             f.write(os.urandom(1 << 20))
 
 
+def per_side_capacity(work: Path, runs: int) -> str:
+    """Each end of the sealed stream alone, in memory (no network, no other process): on
+    two real machines each side has its own cores, and these bound what the link can do."""
+    import hashlib
+    import io
+
+    from bootlink.client.transfer import _receive
+    from bootlink.common import wire
+    from bootlink.server.discovery import ChallengeBook
+    from bootlink.server.http_service import BootService
+    from bootlink.server.payload import BootFiles
+
+    files = BootFiles(work / "kernel", work / "initrd")
+    manifest = wire.BootManifest(
+        [files.entry("kernel"), files.entry("initrd")],
+        "",
+        wire.NbdInfo(10809, "bootlink", 1, False, hashlib.sha256(b"").hexdigest()),
+    )
+    key = os.urandom(32)
+    svc = BootService(
+        key,
+        ChallengeBook(),
+        lambda: manifest,
+        files.paths,
+        set,
+        lambda *a: None,
+        files.hashed_stamp,
+    )
+    seal, opened = [], []
+    for _ in range(runs):
+        ch, nonce = os.urandom(16), os.urandom(16)
+        t = time.monotonic()
+        blob = b"".join(svc.frames(ch, nonce, manifest))
+        seal.append(time.monotonic() - t)
+        t = time.monotonic()
+        _receive(io.BytesIO(blob), wire.session_key(key, ch, nonce), work / "cap", False)
+        opened.append(time.monotonic() - t)
+    size = manifest.payload_size
+    return (
+        f"(a') per side, in memory: server seals {size / statistics.median(seal) / 1e6:.0f} "
+        f"MB/s, client opens+verifies+writes {size / statistics.median(opened) / 1e6:.0f} MB/s"
+    )
+
+
 def rate(samples) -> float:
     return statistics.median(n / t for t, n in samples)
 
@@ -238,6 +282,9 @@ def main() -> int:
                 print(results["c"], flush=True)
             finally:
                 lab.close()
+        if "a" in args.only:
+            results["a2"] = per_side_capacity(work, args.runs)
+            print(results["a2"], flush=True)
     print("\nsummary:")
     for k in sorted(results):
         print(results[k])
