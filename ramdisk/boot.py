@@ -31,7 +31,7 @@ RUN_CONFIG = Path("/run/bootlink/config.yaml")
 ROLES = ("server", "client", "selftest")
 # Read by /init itself or by the target kernel's initrd hook, never config overrides.
 RESERVED = {
-    "role", "config", "args", "shell", "poweroff",
+    "role", "config", "args", "shell", "poweroff", "importtime",
     "nbd_host", "nbd_port", "nbd_export", "if_mac", "nbd_ro",
 }  # fmt: skip
 SECTIONS = ("key", "link", "server", "client")
@@ -150,13 +150,48 @@ def selftest() -> int:
     return 0
 
 
+# The role's heavy imports, done while /init still loads drivers (an optimisation only:
+# a missing module is reported when the role really imports it).
+PREFETCH = {
+    "client": ("bootlink.client.boot", "bootlink.cli"),
+    "server": ("bootlink.server.main", "bootlink.cli"),
+    "selftest": (),
+}
+
+
+def prefetch(role: str) -> None:
+    import contextlib
+    import importlib
+
+    for name in PREFETCH.get(role, ()):
+        with contextlib.suppress(Exception):  # the role's own import reports it
+            importlib.import_module(name)
+
+
+def wait_for_drivers(flag: str | None, timeout: float = 120.0) -> None:
+    """Block until /init says the drivers are loaded (it creates `flag`)."""
+    if not flag:
+        return
+    deadline = time.monotonic() + timeout
+    while not Path(flag).exists():
+        if time.monotonic() > deadline:
+            print(f"bootlink: {flag} never appeared; going on anyway", flush=True)
+            return
+        time.sleep(0.02)
+
+
 def main() -> int:
+    import os
+
     milestone("python up")
     try:
         args = parse_cmdline(Path("/proc/cmdline").read_text())
     except (BootArgsError, OSError) as exc:
         print(f"bootlink: {exc}", file=sys.stderr, flush=True)
         return 2
+    prefetch(args.role)
+    milestone(f"{args.role} code imported")
+    wait_for_drivers(os.environ.get("BOOTLINK_DRIVERS_READY"))
     if args.role == "selftest":
         return selftest()
     import yaml
