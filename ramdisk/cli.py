@@ -68,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="build everything and boot a laptop disk over NBD in QEMU")
     d.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    d.add_argument("--yes", action="store_true", help="install missing Debian packages")
+    d.add_argument("--yes", action="store_true", help="(the default) install without asking")
+    d.add_argument(
+        "--no-install", action="store_true",
+        help="do not apt-get install missing Debian packages (list them and stop)",
+    )  # fmt: skip
     d.add_argument("--workdir", type=Path)
     d.set_defaults(func=_demo)
 
@@ -129,7 +133,8 @@ def _ensure_host_packages(install: bool) -> None:
         return
     if not install:
         raise BootlinkError(
-            f"missing Debian packages: {' '.join(missing)}: apt-get install them, or pass --yes"
+            f"missing Debian packages: {' '.join(missing)}: apt-get install them "
+            "(or run without --no-install)"
         )
     print(f"[demo] installing {' '.join(missing)} with apt-get ...", file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -177,7 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
     from . import e2e
 
     _check_root("demo (mmdebstrap, network namespaces, tap devices)")
-    _ensure_host_packages(args.yes)
+    _ensure_host_packages(not args.no_install)
     t0 = time.monotonic()
     art = e2e.prepare(args.cache, args.cache / "out")
     t_build = time.monotonic() - t0
@@ -189,10 +194,17 @@ def _demo(args: argparse.Namespace) -> int:
           "server runs in a namespace on one NIC ...", file=sys.stderr)  # fmt: skip
     res = e2e.run_client_scenario(art, work / "client")
     _report(res, False)
-    if not res.ok:
+    print("[demo] booting the laptop side (QEMU) from the same ramdisk as server; "
+          "`bootlink client --dry-run` finds it from a namespace ...", file=sys.stderr)  # fmt: skip
+    srv = e2e.run_server_scenario(art, work / "server")
+    _report(srv, False)
+    if not (res.ok and srv.ok):
         return 1
     print(f"\n{res.marker}")
-    ready = res.milestones.get("target marker", 0.0)
-    print(f"laptop root booted over NBD {ready:.1f} s after QEMU started "
-          f"(ramdisk {size / 1e6:.1f} MB)")  # fmt: skip
+    ms = res.milestones
+    print(
+        f"timings (s after QEMU start): client probing {ms.get('probing', 0):.1f}, server "
+        f"found {ms.get('server found', 0):.1f}, kexec {ms.get('kexec', 0):.1f}, laptop root "
+        f"over NBD {ms.get('target marker', 0):.1f}; ramdisk {size / 1e6:.1f} MB"
+    )
     return 0
