@@ -41,6 +41,7 @@ def build_fresh(
 ) -> tuple[build.BuildResult, float]:
     cache = tmp / f"cache-{variant}"
     cache.mkdir()
+    (CACHE / "kernel").mkdir(parents=True, exist_ok=True)
     (cache / "kernel").symlink_to(CACHE / "kernel")  # downloading is not building
     t0 = time.monotonic()
     res = build.build(

@@ -37,6 +37,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     src = _snapshot_sources(tmp_path / "src")
     # The kernel download may come from the shared cache; the root and layers may not.
     first_cache, second_cache = tmp_path / "c1", tmp_path / "c2"
+    (CACHE / "kernel").mkdir(parents=True, exist_ok=True)
     for c in (first_cache, second_cache):
         c.mkdir()
         (c / "kernel").symlink_to(CACHE / "kernel")
