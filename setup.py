@@ -33,9 +33,12 @@ setup(
     # libnbd's bindings come from Debian's python3-libnbd (`import nbd`); the PyPI
     # package called `nbd` is unrelated and must never be installed.
     install_requires=["cryptography>=38", "PyYAML>=6", "pyroute2>=0.7", "psutil>=5.9"],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "swarm": ["pycryptodome>=3.15"],
-                    # ISO sources; Debian: python3-pycdlib (preferred in the ramdisk)
-                    "iso": ["pycdlib>=1.11"]},
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "swarm": ["pycryptodome>=3.15"],
+        # ISO sources; Debian: python3-pycdlib (preferred in the ramdisk)
+        "iso": ["pycdlib>=1.11"],
+    },
     entry_points={"console_scripts": ["bootlink = bootlink.cli:main"]},
     # Swarm's BMT hashing in plain C, loaded with ctypes (no Python.h needed); optional:
     # without a compiler bootlink falls back to pycryptodome (~15x slower).
