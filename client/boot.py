@@ -19,7 +19,7 @@ from bootlink.common.bootimage import BootImage
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
 
-from . import menu, sources
+from . import menu
 from .link_source import boot_from_link
 
 log = logging.getLogger("bootlink.client")
@@ -49,18 +49,29 @@ def resolve_link(spec: str, cfg: Config, workdir: Path, progress: bool) -> list[
     return [boot_from_link(cfg, progress=progress).image]
 
 
+def _resolver_for(spec: str):
+    if spec.strip() == "link":
+        return resolve_link
+    # imported only for other sources: they cost ~0.4 s of imports under emulation, on
+    # the way to the laptop link, which matters most
+    from . import sources
+
+    kind = sources.spec_kind(spec)
+    if kind not in sources.SOURCE_KINDS:
+        known = ", ".join(sorted([*sources.SOURCE_KINDS, "link"]))
+        raise BootlinkError(f"unknown kind '{kind}'; known: {known}")
+    return sources.SOURCE_KINDS[kind]
+
+
 def choose_image(cfg: Config, progress: bool) -> BootImage:
     """Every configured source's images, then the menu (the link ranks first)."""
-    kinds = dict(sources.SOURCE_KINDS, link=resolve_link)
     workdir = Path(cfg.client.download_dir)
     images, errors = [], []
     for spec in cfg.client.sources:
         try:
-            kind = sources.spec_kind(spec)
-            if kind not in kinds:
-                raise BootlinkError(f"unknown kind '{kind}'; known: {', '.join(sorted(kinds))}")
+            resolve = _resolver_for(spec)
             workdir.mkdir(parents=True, exist_ok=True)
-            images.extend(kinds[kind](spec, cfg, workdir, progress))
+            images.extend(resolve(spec.strip(), cfg, workdir, progress))
         except BootlinkError as exc:
             if len(cfg.client.sources) == 1:
                 raise  # the one source's own one-line error says it best

@@ -79,7 +79,9 @@ class Server:
         check_exportable(self.disk, cfg.server.read_only)
         boot = cfg.server.boot
         self.files = BootFiles(Path(boot.kernel), Path(boot.initrd))
-        self.name = socket.gethostname()
+        # a ramdisk has no hostname ("(none)"): name the server by what it serves
+        host = socket.gethostname()
+        self.name = host if host and host != "(none)" else f"bootlink {self.disk.name}"
         self.ipr = IPRoute()
         if cfg.link.interfaces:
             net.list_nics(self.ipr, cfg.link.interfaces)  # fail now if one is missing
