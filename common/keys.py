@@ -59,16 +59,22 @@ def generate_key_file(path: Path, *, force: bool = False) -> SharedKey:
     if not path.parent.is_dir():
         raise KeyFileError(f"{path.parent} does not exist: create the directory first")
     secret = os.urandom(KEY_SIZE)
+    write_private_file(path, secret)
+    return SharedKey(secret)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write a secret atomically with mode 0600: never readable by others, not even for
+    an instant, and never left half-written."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # umask could have narrowed it; never widen, but be exact
-        os.write(fd, secret)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return SharedKey(secret)
 
 
 def load_key_file(path: Path) -> SharedKey:

@@ -17,7 +17,6 @@ refused, because everything in a manifest ends up on a kernel command line or a 
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from .errors import BootlinkError, KeyFileError
+from .keys import write_private_file
 
 MANIFEST_VERSION = 1
 SIGNING_CONTEXT = b"bootlink image manifest v1\0"
@@ -214,15 +214,7 @@ def generate_signing_key(path: Path, *, force: bool = False) -> bytes:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private_file(path, pem)
     return public_bytes(key)
 
 

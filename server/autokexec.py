@@ -47,7 +47,7 @@ from bootlink.common.config import Config, to_dict
 from bootlink.common.errors import BootlinkError, ConfigError, ProtocolError
 from bootlink.common.keys import Purpose, SharedKey, load_key_file
 
-from .discovery import ChallengeBook
+from .discovery import ChallengeBook, DatagramService
 
 log = logging.getLogger("bootlink.autokexec")
 
@@ -468,8 +468,10 @@ class LinkWatcher:
         self.events.close()
 
 
-class TriggerListener:
+class TriggerListener(DatagramService):
     """Answers link-local probes with sealed trigger offers; redeems sealed triggers."""
+
+    thread_name = "trigger"
 
     def __init__(
         self,
@@ -479,41 +481,10 @@ class TriggerListener:
         fire: Callable[[Trigger], None],
         interfaces: list[str],
     ) -> None:
+        super().__init__(port, "remote triggers (or set autokexec.remote_trigger: false)")
         self.k_trig, self.name, self.fire = k_trig, name, fire
         self.interfaces = set(interfaces)
         self.challenges = ChallengeBook(ttl=TRIGGER_TTL, limit=256)
-        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind(("::", port))
-        except OSError as exc:
-            self.sock.close()
-            raise BootlinkError(
-                f"cannot listen on udp/{port} for remote triggers ({exc.strerror}): is a "
-                "bootlink server or another autokexec running? stop it, or set "
-                "autokexec.remote_trigger: false"
-            ) from None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="trigger", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.sock.settimeout(0.5)
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(wire.MAX_DATAGRAM)
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.is_set():
-                    return
-                raise
-            try:
-                self.handle(data, addr)
-            except Exception:  # one odd datagram must not end the listener
-                log.exception("handling a datagram from %s failed", addr[0])
 
     def _on_link(self, addr: tuple) -> bool:
         host, scope = addr[0], addr[3]
@@ -547,12 +518,6 @@ class TriggerListener:
                 log.info("ignoring trigger from %s: %s", host, exc)
                 return
             self.fire(Trigger("remote", f"authenticated trigger from {host}"))
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        if self.thread.is_alive():
-            self.thread.join(timeout=2)
 
 
 # --- the daemon ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import threading
 import time
 
 from bootlink.common import wire
-from bootlink.common.errors import ProtocolError
+from bootlink.common.errors import BootlinkError, ProtocolError
 
 log = logging.getLogger("bootlink.server.discovery")
 
@@ -48,24 +48,27 @@ class ChallengeBook:
             del self._issued[c]
 
 
-class DiscoveryResponder:
-    """UDP responder on [::]:port; answers only probes that arrive on a link NIC."""
+class DatagramService:
+    """A UDP listener on [::]:port with its own thread; subclasses implement `handle`.
 
-    def __init__(
-        self,
-        k_disc: bytes,
-        port: int,
-        offer_for,  # callable(challenge) -> ServerOffer
-        challenges: ChallengeBook,
-        link_ifindexes,  # callable() -> set[int]: NICs we serve on (hot-plug aware)
-    ) -> None:
-        self.k_disc, self.offer_for, self.challenges = k_disc, offer_for, challenges
-        self.link_ifindexes = link_ifindexes
+    One odd datagram must never end the listener: errors are logged, the loop goes on.
+    """
+
+    thread_name = "udp"
+
+    def __init__(self, port: int, purpose: str) -> None:
         self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("::", port))
+        try:
+            self.sock.bind(("::", port))
+        except OSError as exc:
+            self.sock.close()
+            raise BootlinkError(
+                f"cannot listen on udp/{port} for {purpose} ({exc.strerror}): is another "
+                "bootlink server or autokexec running? stop it, or change link.discovery_port"
+            ) from None
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="discovery", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -81,7 +84,37 @@ class DiscoveryResponder:
                 if self._stop.is_set():
                     return
                 raise
-            self.handle(data, addr)
+            try:
+                self.handle(data, addr)
+            except Exception:
+                log.exception("handling a datagram from %s failed", addr[0])
+
+    def handle(self, data: bytes, addr: tuple) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2)
+
+
+class DiscoveryResponder(DatagramService):
+    """Answers probes that arrive on a link NIC with a sealed offer bound to their nonce."""
+
+    thread_name = "discovery"
+
+    def __init__(
+        self,
+        k_disc: bytes,
+        port: int,
+        offer_for,  # callable(challenge) -> ServerOffer
+        challenges: ChallengeBook,
+        link_ifindexes,  # callable() -> set[int]: NICs we serve on (hot-plug aware)
+    ) -> None:
+        super().__init__(port, "discovery probes")
+        self.k_disc, self.offer_for, self.challenges = k_disc, offer_for, challenges
+        self.link_ifindexes = link_ifindexes
 
     def handle(self, data: bytes, addr: tuple) -> None:
         host, _port, _flow, scope = addr[:4]
@@ -100,9 +133,3 @@ class DiscoveryResponder:
             log.info("could not answer %s: %s", host, exc.strerror)
             return
         log.debug("answered probe from %s", host)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        if self.thread.is_alive():
-            self.thread.join(timeout=2)
