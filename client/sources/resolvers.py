@@ -232,34 +232,23 @@ def _not_manifest(spec: str, size: int | None) -> BootlinkError:
 
 def resolve_swarm(spec: str, cfg: Config, workdir: Path, progress: bool = True) -> list[BootImage]:
     ref = swarm_codec.parse_reference(strip_kind(spec, "swarm"))
-    d = spec_dir(workdir, spec, "swarm")
-    dest = d / "manifest.json"
-    try:
-        got = swarm.fetch(
+    return _resolve_manifest(
+        spec,
+        cfg,
+        workdir,
+        "swarm",
+        ref.hex(),
+        lambda dest: swarm.fetch(
             ref,
             cfg.client.bee_api,
             dest,
             timeout=cfg.client.timeout,
             progress=False,
             max_size=MAX_ENVELOPE,
-        )
-    except TooLarge:
-        raise _not_manifest(spec, None) from None
-    data = dest.read_bytes()
-    if not looks_like_envelope(data):
-        raise _not_manifest(spec, len(data))
-    return [
-        image_from_envelope(
-            spec,
-            data,
-            cfg,
-            d,
-            kind="swarm",
-            locator=ref.hex(),
-            transport=f"Bee {got.bee} ({got.verified_by})",
-            progress=progress,
-        )
-    ]
+        ),
+        lambda got: f"Bee {got.bee} ({got.verified_by})",
+        progress,
+    )
 
 
 def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -> list[BootImage]:
@@ -267,17 +256,32 @@ def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -
         cid = ipfs_codec.CID.parse(strip_kind(spec, "ipfs"))
     except ValueError as exc:
         raise BootlinkError(f"source '{spec}': {exc}") from None
-    d = spec_dir(workdir, spec, "ipfs")
-    dest = d / "manifest.json"
-    try:
-        got = ipfs.fetch(
+    return _resolve_manifest(
+        spec,
+        cfg,
+        workdir,
+        "ipfs",
+        str(cid),
+        lambda dest: ipfs.fetch(
             cid,
             cfg.client.ipfs_gateway,
             dest,
             timeout=cfg.client.timeout,
             progress=False,
             max_size=MAX_ENVELOPE,
-        )
+        ),
+        lambda got: f"gateway {got.gateway} ({got.verified_by})",
+        progress,
+    )
+
+
+def _resolve_manifest(spec, cfg, workdir, kind, locator, fetch, transport, progress):
+    """Fetch a signed image manifest by content address (verified by the transport), then
+    the image it describes."""
+    d = spec_dir(workdir, spec, kind)
+    dest = d / "manifest.json"
+    try:
+        got = fetch(dest)
     except TooLarge:
         raise _not_manifest(spec, None) from None
     data = dest.read_bytes()
@@ -289,9 +293,9 @@ def resolve_ipfs(spec: str, cfg: Config, workdir: Path, progress: bool = True) -
             data,
             cfg,
             d,
-            kind="ipfs",
-            locator=str(cid),
-            transport=f"gateway {got.gateway} ({got.verified_by})",
+            kind=kind,
+            locator=locator,
+            transport=transport(got),
             progress=progress,
         )
     ]
