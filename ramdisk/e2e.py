@@ -31,7 +31,7 @@ import yaml
 
 from bootlink.common.config import Config, config_from_dict, to_dict
 from bootlink.common.errors import BootlinkError
-from bootlink.common.keys import generate_key_file, load_key_file
+from bootlink.common.keys import generate_key_file, load_key_file, write_private_file
 
 from . import build as rbuild
 from . import qemu, target
@@ -130,9 +130,7 @@ def _key(workdir: Path, key_from: Path | None) -> Path:
     if key_from is None:
         generate_key_file(key)
     else:
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(load_key_file(key_from).secret)
+        write_private_file(key, load_key_file(key_from).secret)
     return key
 
 
