@@ -187,7 +187,10 @@ def main() -> int:
                     print(results["a"], flush=True)
 
                 if "d" in args.only:
-                    # (d) NBD through bootlink vs bare nbdkit on the same link
+                    # (d) NBD through bootlink vs bare nbdkit on the same link; the export
+                    # admits only a client that has authenticated: a dry run does that
+                    auth = desk.run([*BOOTLINK, "client", "--config", str(cfg), "--dry-run"])
+                    assert auth.returncode == 0, auth.stderr
                     ll = srv.link_local("link0")
                     bare = lab.start(
                         srv,
