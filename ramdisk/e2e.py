@@ -134,6 +134,15 @@ def _key(workdir: Path, key_from: Path | None) -> Path:
     return key
 
 
+def _scenario_setup(art: Artifacts, workdir: Path, key_from: Path | None):
+    """What both scenarios start from: the key, a private copy of the laptop disk, NICs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = _key(workdir, key_from)
+    disk = workdir / "laptop-disk.img"
+    subprocess.run(["cp", "--sparse=always", str(art.disk.image), str(disk)], check=True)
+    return key, disk, _nics()
+
+
 def run_client_scenario(
     art: Artifacts,
     workdir: Path,
@@ -146,11 +155,7 @@ def run_client_scenario(
     """Guest = client (ramdisk), host namespace = `bootlink server`; waits for the marker.
 
     `root_arg` replaces the target's `root=UUID=...` (e.g. "root=/dev/nbd0p1")."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    key = _key(workdir, key_from)
-    disk = workdir / "laptop-disk.img"
-    subprocess.run(["cp", "--sparse=always", str(art.disk.image), str(disk)], check=True)
-    nics = _nics()
+    key, disk, nics = _scenario_setup(art, workdir, key_from)
     live = nics[LIVE_NIC].tap
     host_cfg_path = workdir / "server.yaml"
     _write_config(
@@ -206,11 +211,7 @@ def run_server_scenario(
     key_from: Path | None = None,
 ) -> Result:
     """Guest = server (ramdisk, virtio disk), host namespace = `bootlink client --dry-run`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    key = _key(workdir, key_from)
-    disk = workdir / "laptop-disk.img"
-    subprocess.run(["cp", "--sparse=always", str(art.disk.image), str(disk)], check=True)
-    nics = _nics()
+    key, disk, nics = _scenario_setup(art, workdir, key_from)
     live = nics[LIVE_NIC].tap
     guest_cfg = config_from_dict(
         {

@@ -118,6 +118,18 @@ class BeeHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
+    def _lookup(self, text: str):
+        """(address, chunk) for a reference in a path, or None after Bee's error reply."""
+        addr = self._addr(text)
+        if addr is None:
+            self._error(400, "invalid path params")
+            return None
+        got = self.state.chunk(addr)
+        if got is None:
+            self._error(404, "Not Found")
+            return None
+        return addr, got
+
     def _addr(self, text: str) -> bytes | None:
         try:
             addr = bytes.fromhex(text)
@@ -151,25 +163,13 @@ class BeeHandler(BaseHTTPRequestHandler):
         elif path == "/stamps":
             self._json(200, {"stamps": [_stamp()]})
         elif path.startswith("/chunks/"):
-            addr = self._addr(path[len("/chunks/") :])
-            if addr is None:
-                self._error(400, "invalid path params")
-                return
-            got = self.state.chunk(addr)
-            if got is None:
-                self._error(404, "Not Found")
-                return
-            self._send(200, swarm.pack_chunk(*got), "binary/octet-stream")
+            found = self._lookup(path[len("/chunks/") :])
+            if found:
+                self._send(200, swarm.pack_chunk(*found[1]), "binary/octet-stream")
         elif path.startswith("/bytes/"):
-            addr = self._addr(path[len("/bytes/") :])
-            if addr is None:
-                self._error(400, "invalid path params")
-                return
-            got = self.state.chunk(addr)
-            if got is None:
-                self._error(404, "Not Found")
-                return
-            self._stream_file(addr, got[0])
+            found = self._lookup(path[len("/bytes/") :])
+            if found:
+                self._stream_file(found[0], found[1][0])
         else:
             self._error(404, "Not Found")
 
