@@ -14,6 +14,7 @@ memory; `seal`/`open_` are the one-shot forms used for small messages.
 from __future__ import annotations
 
 import hmac
+import threading
 
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -32,6 +33,44 @@ def _omac(key: bytes, tweak: int, data: bytes = b"") -> cmac.CMAC:
     if data:
         mac.update(data)
     return mac
+
+
+def _dbl(block: bytes) -> bytes:
+    """Doubling in GF(2^128), as CMAC derives its sub-keys (RFC 4493)."""
+    n = int.from_bytes(block, "big") << 1
+    if n >> 128:
+        n = (n & ((1 << 128) - 1)) ^ 0x87
+    return n.to_bytes(BLOCK, "big")
+
+
+_scratch = threading.local()  # per-thread CBC output buffer: reused, never read as data
+
+
+def _omac_bulk(key: bytes, tweak: int, data: memoryview) -> bytes:
+    """OMAC_K(tweak || data) for a long, non-empty message, through AES-CBC.
+
+    Same value as `_omac(...).finalize()` (tests check it), but the CBC chain runs in a
+    `Cipher` context, which releases the GIL, where `CMAC.update` of cryptography >= 40
+    holds it: worker threads then MAC frames on all cores at once. CMAC is CBC-MAC whose
+    last block is xored with sub-key K1 (complete) or K2 (padded with 10*).
+    """
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    k1 = _dbl(ecb.update(bytes(BLOCK)))
+    chain = ecb.update(bytes(BLOCK - 1) + bytes([tweak]))  # CBC state after the tweak block
+    rest = len(data) % BLOCK or BLOCK
+    body, last = data[: len(data) - rest], bytes(data[len(data) - rest :])
+    if rest == BLOCK:
+        last = _xor(last, k1)
+    else:
+        last = _xor(last + b"\x80" + bytes(BLOCK - rest - 1), _dbl(k1))
+    if body:
+        out = getattr(_scratch, "buf", None)
+        if out is None or len(out) < len(body) + BLOCK:
+            out = _scratch.buf = bytearray(len(body) + BLOCK)
+        cbc = Cipher(algorithms.AES(key), modes.CBC(chain)).encryptor()
+        n = cbc.update_into(body, out)
+        chain = bytes(out[n - BLOCK : n])
+    return ecb.update(_xor(chain, last))
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
@@ -69,11 +108,19 @@ class Encryptor(_Stream):
         return _xor(self._prefix, self._mac.finalize())
 
 
-def _bytes(data) -> bytes:
+def _cmac_takes_buffers() -> bool:
     # cryptography < 40 (Debian bookworm's 38, which the ramdisk runs) takes only bytes in
-    # CMAC.update; newer versions take any buffer. Copying a frame costs far less than
-    # the MAC itself.
-    return data if isinstance(data, bytes) else bytes(data)
+    # CMAC.update; newer versions take any buffer, which spares a copy of every frame.
+    mac = cmac.CMAC(algorithms.AES(bytes(BLOCK)))
+    try:
+        mac.update(memoryview(b""))
+    except TypeError:
+        return False
+    return True
+
+
+def _bytes(data) -> bytes:
+    return data if isinstance(data, bytes) or _CMAC_TAKES_BUFFERS else bytes(data)
 
 
 class Decryptor(_Stream):
@@ -99,6 +146,29 @@ class Decryptor(_Stream):
             raise InvalidTag("EAX tag mismatch")
 
 
+def open_in_place(key: bytes, nonce: bytes, sealed: memoryview, header: bytes = b"") -> memoryview:
+    """Verify ciphertext || tag in `sealed` (a writable buffer), then decrypt it in place.
+
+    Returns the plaintext as a view of `sealed`'s first bytes. Nothing is decrypted
+    unless the tag verifies, and no buffer is allocated: a 1 MiB frame is MACed and
+    decrypted where it was received (fresh megabyte allocations cost page faults that
+    show up as a third of the time of opening a frame).
+    """
+    _check_key(key)
+    if len(sealed) < TAG_SIZE:
+        raise InvalidTag("sealed message shorter than its tag")
+    body, tag = sealed[:-TAG_SIZE], bytes(sealed[-TAG_SIZE:])
+    n = _omac(key, 0, nonce).finalize()
+    c = _omac_bulk(key, 2, body) if body else _omac(key, 2).finalize()
+    expected = _xor(_xor(n, _omac(key, 1, header).finalize()), c)
+    if not hmac.compare_digest(expected, tag):
+        raise InvalidTag("EAX tag mismatch")
+    # CTR in place: the output may be the input (cryptography wants room for one block
+    # more than the input, which the tag's bytes provide)
+    Cipher(algorithms.AES(key), modes.CTR(n)).decryptor().update_into(body, sealed)
+    return body
+
+
 def seal(key: bytes, nonce: bytes, plaintext: bytes, header: bytes = b"") -> bytes:
     """Encrypt and authenticate: returns ciphertext || 16-byte tag."""
     enc = Encryptor(key, nonce, header)
@@ -113,3 +183,6 @@ def open_(key: bytes, nonce: bytes, sealed: bytes, header: bytes = b"") -> bytes
     plaintext = dec.update(sealed[:-TAG_SIZE])
     dec.verify(bytes(sealed[-TAG_SIZE:]))
     return plaintext
+
+
+_CMAC_TAKES_BUFFERS = _cmac_takes_buffers()

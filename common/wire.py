@@ -22,13 +22,19 @@ Boot transfer (HTTP POST /v1/boot):
     request  = MAGIC | 0x03 | request_nonce[16] | EAX(k_xfer, request_nonce,
                header = MAGIC|0x03, json{challenge, want})
     The server accepts each discovery `challenge` once: a replayed request finds it spent.
-    response = a stream of frames under a session key
-               k_sess = HKDF(k_xfer, challenge | request_nonce), fresh for this request:
-    frame    = length[4, BE] | flags[1] | EAX(k_sess, nonce=counter[16], header =
+    response = frame 0 under a session key k_sess = HKDF(k_xfer, challenge | request_nonce),
+               fresh for this request, then frames 1.. under the payload key:
+    frame    = length[4, BE] | flags[1] | EAX(key, nonce=counter[16], header =
                MAGIC|0x04|counter[8]|flags, body) with body[-16:] the tag
-    Frame 0 is the JSON manifest; frames 1.. carry the payload (kernel bytes then initrd
-    bytes) in order; FLAG_LAST marks the final frame. A counter in the header detects
-    reordering; a stream that ends without FLAG_LAST is truncated.
+    Frame 0 is the JSON manifest: files (name, size, SHA-256), cmdline, NBD coordinates, and
+    `payload_key`, a random AES-128 key under which the server sealed the payload once (when
+    the files last changed) as frames 1.. (kernel bytes then initrd bytes; FLAG_LAST marks
+    the final, empty frame). Sealing once lets the server send the same sealed bytes to
+    every request with sendfile(2) instead of spending a core on AES per request. The
+    payload frames are the same for every request, but only a client that opened this
+    request's fresh manifest learns their key, and a payload that changes gets a new key:
+    old frames replayed into a new stream fail authentication. A counter in the header
+    detects reordering; a stream that ends without FLAG_LAST is truncated.
 """
 
 from __future__ import annotations
@@ -240,17 +246,23 @@ class BootManifest:
     nbd: NbdInfo
     server_name: str = ""
     chunk_size: int = 1 << 20
-    version: int = 1
+    version: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
+    # the key of frames 1..: secret, so never printed with the rest
+    payload_key: bytes = field(default=b"", repr=False)
 
     def to_bytes(self) -> bytes:
-        return _json_bytes(asdict(self))
+        return _json_bytes({**asdict(self), "payload_key": self.payload_key.hex()})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BootManifest:
         obj = _json_obj(data, "manifest")
         try:
-            _need(obj["version"] == 1, f"manifest version {obj['version']} is not supported")
+            _need(
+                obj["version"] == 2,
+                f"manifest version {obj['version']} is not ours: run the same bootlink "
+                "release on both machines",
+            )
             files = [
                 FileEntry(str(f["name"]), _nonneg(f["size"]), _hexdigest(f["sha256"]))
                 for f in obj["files"]
@@ -265,6 +277,8 @@ class BootManifest:
             )
             chunk = _nonneg(obj["chunk_size"])
             _need(0 < chunk <= MAX_FRAME - 64, "manifest chunk size out of range")
+            payload_key = bytes.fromhex(obj["payload_key"])
+            _need(len(payload_key) == 16, "manifest payload key has the wrong length")
             return cls(
                 files=files,
                 cmdline=str(obj["cmdline"]),
@@ -272,6 +286,7 @@ class BootManifest:
                 server_name=str(obj.get("server_name", "")),
                 chunk_size=chunk,
                 extra=dict(obj.get("extra") or {}),
+                payload_key=payload_key,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"manifest malformed: {exc!r}") from None
@@ -300,8 +315,8 @@ def _frame_header(counter: int, flags: int) -> bytes:
     return MAGIC + bytes([T_FRAME]) + counter.to_bytes(8, "big") + bytes([flags])
 
 
-def seal_frame(k_sess: bytes, counter: int, flags: int, body: bytes) -> bytes:
-    sealed = eax.seal(k_sess, counter.to_bytes(16, "big"), body, _frame_header(counter, flags))
+def seal_frame(key: bytes, counter: int, flags: int, body: bytes) -> bytes:
+    sealed = eax.seal(key, counter.to_bytes(16, "big"), body, _frame_header(counter, flags))
     return FRAME_HEAD.pack(len(sealed), flags) + sealed
 
 
@@ -309,13 +324,19 @@ def seal_frame(k_sess: bytes, counter: int, flags: int, body: bytes) -> bytes:
 class RawFrame:
     counter: int
     flags: int
-    sealed: memoryview
+    sealed: memoryview  # the frame's bytes, a view of a (possibly reused) bytearray
+
+    @property
+    def last(self) -> bool:
+        return bool(self.flags & FLAG_LAST)
 
 
-def open_frame(k_sess: bytes, frame: RawFrame) -> bytes:
+def open_frame(key: bytes, frame: RawFrame) -> memoryview:
+    """Verify a frame and decrypt it in place: returns the plaintext as a view of
+    `frame.sealed`, valid until that buffer is reused."""
     try:
-        return eax.open_(
-            k_sess,
+        return eax.open_in_place(
+            key,
             frame.counter.to_bytes(16, "big"),
             frame.sealed,
             _frame_header(frame.counter, frame.flags),
@@ -328,47 +349,49 @@ def open_frame(k_sess: bytes, frame: RawFrame) -> bytes:
 
 class FrameReader:
     """Reads frames in order from a byte stream (anything with `readinto`, like a file or
-    an HTTP response). Each frame is read into one buffer of its exact size: reading a
-    1 MiB frame in socket-sized pieces must not allocate a megabyte per piece.
+    an HTTP response), each into one buffer: by default a new one of its exact size,
+    or one handed out by `buffers` (a callable returning a bytearray of at least
+    `max_length` bytes), so a 1 MiB frame costs no allocation at all.
 
-    `raw_frames()` yields still-sealed frames (to be opened in parallel with
-    `open_frame`); `next()` reads and opens one.
+    `next(key)` reads and opens one frame; `raw_frames()` yields still-sealed frames
+    (to be opened in parallel with `open_frame`).
     """
 
-    def __init__(self, k_sess: bytes, stream) -> None:
-        self._key = k_sess
+    def __init__(self, stream, max_length: int = MAX_FRAME) -> None:
         self._stream = stream
+        self.max_length = max_length
         self.counter = 0
         self.finished = False
 
-    def next(self) -> tuple[bytes, bool]:
+    def next(self, key: bytes) -> tuple[bytes, bool]:
         """Return (plaintext, is_last). Raises ProtocolError on truncation/tamper/reorder."""
         raw = self.read_raw()
-        return open_frame(self._key, raw), bool(raw.flags & FLAG_LAST)
+        return bytes(open_frame(key, raw)), raw.last
 
-    def read_raw(self) -> RawFrame:
+    def read_raw(self, buffers=None) -> RawFrame:
         if self.finished:
             raise ProtocolError("read past the last frame")
-        head = self._read_exact(FRAME_HEAD.size, "frame header")
+        head = self._read_exact(bytearray(FRAME_HEAD.size), FRAME_HEAD.size, "frame header")
         length, flags = FRAME_HEAD.unpack(head)
-        _need(eax.TAG_SIZE <= length <= MAX_FRAME, f"frame length {length} out of range")
+        _need(eax.TAG_SIZE <= length <= self.max_length, f"frame length {length} out of range")
         _need(flags & ~FLAG_LAST == 0, "frame has unknown flags")
-        raw = RawFrame(self.counter, flags, self._read_exact(length, "frame body"))
+        buf = buffers() if buffers else bytearray(length)
+        raw = RawFrame(self.counter, flags, self._read_exact(buf, length, "frame body"))
         self.counter += 1
-        self.finished = bool(flags & FLAG_LAST)
+        self.finished = raw.last
         return raw
 
-    def raw_frames(self):
+    def raw_frames(self, buffers=None):
         """Every remaining frame, sealed, up to and including the last one."""
         while not self.finished:
-            yield self.read_raw()
+            yield self.read_raw(buffers)
 
-    def _read_exact(self, n: int, what: str) -> memoryview:
-        buf = memoryview(bytearray(n))
+    def _read_exact(self, buf: bytearray, n: int, what: str) -> memoryview:
+        view = memoryview(buf)[:n]
         got = 0
         while got < n:
             try:
-                k = self._stream.readinto(buf[got:])
+                k = self._stream.readinto(view[got:])
             except OSError:  # reset or timeout mid-stream: the same as a cut
                 k = 0
             if not k:
@@ -376,7 +399,7 @@ class FrameReader:
                     f"stream truncated in {what} after frame {self.counter} (link lost?)"
                 )
             got += k
-        return buf
+        return view
 
 
 # --- helpers --------------------------------------------------------------------------------

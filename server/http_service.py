@@ -1,10 +1,8 @@
 """HTTP service for the sealed boot payload: POST /v1/boot (see common/wire.py).
 
 One request = one redeemed challenge = one fresh session key. The response is the
-sealed manifest followed by the kernel and initrd as sealed 1 MiB frames, read from disk
-as they are sent so memory stays bounded whatever the initrd's size. If a file changes
-size or content while it is being sent, the stream is cut before its final frame and
-the client refuses it.
+manifest sealed under that key (frame 0), then the payload frames the server sealed once
+under the payload key the manifest carries, sent from memory with sendfile(2).
 """
 
 from __future__ import annotations
@@ -15,14 +13,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-from bootlink.common import eax, wire
+from bootlink.common import wire
 from bootlink.common.errors import BootlinkError, ProtocolError
-from bootlink.common.pipeline import ordered_map
 
 from .discovery import ChallengeBook
-from .payload import Stamp
+from .payload import Offer
 
 log = logging.getLogger("bootlink.server.http")
 
@@ -35,56 +31,20 @@ class BootService:
 
     k_xfer: bytes
     challenges: ChallengeBook
-    manifest: Callable[[], wire.BootManifest]
-    file_paths: dict[str, Path]
+    offer: Callable[[], Offer]  # the manifest and sealed payload as of now
     link_ifindexes: Callable[[], set[int]]
     on_authenticated: Callable[[str, int], None]  # (client address, ifindex)
-    hashed_stamp: Callable[[str], Stamp | None]  # file identity when its hash was taken
 
-    def frames(self, challenge: bytes, request_nonce: bytes, manifest: wire.BootManifest):
-        """Yield the sealed response frames; raises BootlinkError to cut the stream.
-
-        Chunks are read (and re-hashed, to catch a file changing under us) here, and
-        sealed a few at a time on worker threads (common/pipeline.py)."""
+    def head(self, challenge: bytes, request_nonce: bytes, offer: Offer) -> bytes:
+        """Frame 0: the manifest, sealed under this request's session key."""
         k_sess = wire.session_key(self.k_xfer, challenge, request_nonce)
-        yield wire.seal_frame(k_sess, 0, 0, manifest.to_bytes())
-        yield from ordered_map(lambda item: wire.seal_frame(k_sess, *item), self._chunks(manifest))
+        return wire.seal_frame(k_sess, 0, 0, offer.manifest.to_bytes())
 
-    def _chunks(self, manifest: wire.BootManifest):
-        """(counter, flags, plaintext) for every payload frame, then the empty last one.
-
-        The manifest's SHA-256 was computed when the file last changed (payload.BootFiles);
-        instead of hashing every byte again while sending, the file's identity (size,
-        mtime, inode) must be the one it had when hashed, before and after sending: a file
-        replaced or rewritten cuts the stream before its last frame, and the client's own
-        hash check catches anything else.
-        """
-        counter = 1
-        for entry in manifest.files:
-            path = self.file_paths[entry.name]
-            sent = 0
-            with open(path, "rb") as f:
-                before = Stamp.of(os.fstat(f.fileno()))
-                while chunk := f.read(manifest.chunk_size):
-                    sent += len(chunk)
-                    if sent > entry.size:
-                        break
-                    yield counter, 0, chunk
-                    counter += 1
-                after = Stamp.of(os.fstat(f.fileno()))
-            hashed = self.hashed_stamp(entry.name)
-            if sent != entry.size or not before == after == hashed == Stamp.of(path.stat()):
-                raise BootlinkError(f"{entry.name} changed while being sent; stream cut")
-        yield counter, wire.FLAG_LAST, b""
-
-    @staticmethod
-    def response_length(manifest: wire.BootManifest) -> int:
-        overhead = wire.FRAME_HEAD.size + eax.TAG_SIZE
-        n = overhead + len(manifest.to_bytes())
-        for entry in manifest.files:
-            full, rest = divmod(entry.size, manifest.chunk_size)
-            n += full * (overhead + manifest.chunk_size) + (overhead + rest if rest else 0)
-        return n + overhead
+    def frames(self, challenge: bytes, request_nonce: bytes, offer: Offer):
+        """The whole response body, frame 0 then the payload frames (for tests and tools
+        that want bytes; the handler sends the payload with sendfile)."""
+        yield self.head(challenge, request_nonce, offer)
+        yield os.pread(offer.payload.frames.fileno(), offer.payload.length, 0)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -121,25 +81,23 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("client %s%%%d authenticated; sending boot payload", host, scope)
         try:
             self.service.on_authenticated(host, scope)
-            manifest = self.service.manifest()
+            offer = self.service.offer()
         except BootlinkError as exc:
             log.error("cannot serve %s: %s", host, exc)
             return self._refuse(503, "server not ready")
+        head = self.service.head(challenge, nonce, offer)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(BootService.response_length(manifest)))
+        self.send_header("Content-Length", str(len(head) + offer.payload.length))
         self.end_headers()
         try:
-            for frame in self.service.frames(challenge, nonce, manifest):
-                self.wfile.write(frame)
-        except BootlinkError as exc:
-            log.error("%s", exc)
-            self.close_connection = True
+            self.wfile.write(head)
+            self.connection.sendfile(offer.payload.frames, 0, offer.payload.length)
         except OSError as exc:  # cable pulled, client gone: it will ask again
             log.warning("transfer to %s aborted: %s", host, exc.strerror or exc)
             self.close_connection = True
         else:
-            log.info("boot payload sent to %s (%d bytes)", host, manifest.payload_size)
+            log.info("boot payload sent to %s (%d bytes)", host, offer.manifest.payload_size)
 
     def _refuse(self, code: int, text: str) -> None:
         data = text.encode() + b"\n"

@@ -20,7 +20,7 @@ from bootlink.common.keys import Purpose, load_key_file
 from .discovery import ChallengeBook, DiscoveryResponder
 from .http_service import BootService, make_http_server
 from .nbd_export import NbdExport, check_exportable, listen_socket
-from .payload import BootFiles, build_manifest
+from .payload import BootFiles, build_offer
 from .power import start_power_watch
 
 log = logging.getLogger("bootlink.server")
@@ -100,11 +100,9 @@ class Server:
         self.service = BootService(
             k_xfer=key.subkey(Purpose.TRANSFER),
             challenges=challenges,
-            manifest=lambda: build_manifest(cfg, self.files, self.disk, self.name),
-            file_paths=self.files.paths,
+            offer=lambda: build_offer(cfg, self.files, self.disk, self.name),
             link_ifindexes=self.links.ifindexes,
             on_authenticated=self._admit,
-            hashed_stamp=self.files.hashed_stamp,
         )
         self.http = make_http_server(self.service, cfg.link.http_port)
         self._stop = threading.Event()

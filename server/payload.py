@@ -1,20 +1,28 @@
-"""What the server hands out: the boot files (hashed once, re-hashed if they change) and
+"""What the server hands out: the boot files, sealed once (and again if they change), and
 the facts about the exported disk that let a client prove it reaches the right one."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
-from bootlink.common.bootimage import sha256_file
+from bootlink.common import wire
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
+from bootlink.common.pipeline import ordered_map
 from bootlink.common.wire import BootManifest, FileEntry, NbdInfo
 
+log = logging.getLogger("bootlink.server.payload")
+
 SECTOR = 512
+NAMES = ("kernel", "initrd")  # the order in which the stream carries them
+SEAL_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -31,37 +39,131 @@ class Stamp:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
+@dataclass(frozen=True)
+class SealedPayload:
+    """The kernel and initrd sealed as the response's frames 1.., ready to be sent as is.
+
+    The frames live in a memfd (RAM, like the tmpfs a ramdisk server reads its files
+    from): a second copy of the payload buys sending it with sendfile(2) instead of
+    spending a core on AES for every request.
+    """
+
+    files: list[FileEntry]  # size and SHA-256 of exactly the bytes that were sealed
+    stamps: dict[str, Stamp]  # the files' identities when they were sealed
+    chunk_size: int
+    frames: BinaryIO
+    length: int
+    key: bytes = field(repr=False)
+
+
+def seal_payload(paths: dict[str, Path], chunk_size: int = 1 << 20) -> SealedPayload:
+    """Read, hash and seal the files in one pass; retried if a file changes meanwhile."""
+    for _ in range(SEAL_ATTEMPTS):
+        sealed = _seal_once(paths, chunk_size)
+        if sealed is not None:
+            return sealed
+    raise BootlinkError(
+        f"the boot files kept changing while being sealed ({', '.join(map(str, paths.values()))}):"
+        " stop whatever rewrites them (a kernel update?) and restart the server"
+    )
+
+
+def _seal_once(paths: dict[str, Path], chunk_size: int) -> SealedPayload | None:
+    key = os.urandom(16)
+    fd = os.memfd_create("bootlink-payload", os.MFD_CLOEXEC)
+    out = os.fdopen(fd, "w+b")
+    files: list[FileEntry] = []
+    stamps: dict[str, Stamp] = {}
+    changed = False
+
+    def chunks():
+        nonlocal changed
+        counter = 1
+        for name in NAMES:
+            f = _open(name, paths[name])
+            with f:
+                before = Stamp.of(os.fstat(f.fileno()))
+                h, size = hashlib.sha256(), 0
+                while chunk := f.read(chunk_size):
+                    h.update(chunk)
+                    size += len(chunk)
+                    yield counter, 0, chunk
+                    counter += 1
+                after = Stamp.of(os.fstat(f.fileno()))
+            changed |= size != before.size or before != after
+            files.append(FileEntry(name, size, h.hexdigest()))
+            stamps[name] = before
+        yield counter, wire.FLAG_LAST, b""
+
+    started = time.monotonic()
+    try:
+        for frame in ordered_map(lambda item: wire.seal_frame(key, *item), chunks()):
+            out.write(frame)
+        out.flush()
+    except OSError as exc:
+        out.close()
+        raise BootlinkError(
+            f"cannot keep the sealed boot files in memory ({exc.strerror}): free some RAM"
+        ) from None
+    except BaseException:
+        out.close()
+        raise
+    if changed:
+        out.close()
+        return None
+    length = out.tell()
+    log.info(
+        "sealed kernel and initrd once for sending (%.1f MiB in %.1f s)",
+        sum(f.size for f in files) / 2**20,
+        time.monotonic() - started,
+    )
+    return SealedPayload(files, stamps, chunk_size, out, length, key)
+
+
+def _open(name: str, path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise BootlinkError(
+            f"boot {name} {path} unreadable ({exc.strerror}): fix server.boot.{name}"
+        ) from None
+
+
 class BootFiles:
-    """The kernel and initrd to serve, with SHA-256 cached per (size, mtime, inode)."""
+    """The kernel and initrd to serve, sealed once, and again whenever one changes."""
 
-    def __init__(self, kernel: Path, initrd: Path) -> None:
+    def __init__(self, kernel: Path, initrd: Path, chunk_size: int = 1 << 20) -> None:
         self.paths = {"kernel": Path(kernel), "initrd": Path(initrd)}
-        self._cache: dict[str, tuple[Stamp, str]] = {}
+        self.chunk_size = chunk_size
+        self._sealed: SealedPayload | None = None
         self._lock = threading.Lock()
-        for name in self.paths:
-            self.entry(name)  # fail at start-up, not when the desktop asks
+        self.current()  # fail at start-up, not when the desktop asks
 
-    def entry(self, name: str) -> FileEntry:
+    def current(self) -> SealedPayload:
+        """The sealed payload for the files as they are now (re-sealed if they changed;
+        a transfer still sending the old one keeps it alive until it is done)."""
+        stamps = {name: self._stamp(name) for name in NAMES}
+        with self._lock:
+            if self._sealed is None or self._sealed.stamps != stamps:
+                self._sealed = seal_payload(self.paths, self.chunk_size)
+            return self._sealed
+
+    def _stamp(self, name: str) -> Stamp:
         path = self.paths[name]
         try:
-            st = path.stat()
+            return Stamp.of(path.stat())
         except OSError as exc:
             raise BootlinkError(
                 f"boot {name} {path} unreadable ({exc.strerror}): fix server.boot.{name}"
             ) from None
-        stamp = Stamp.of(st)
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached is None or cached[0] != stamp:
-                cached = (stamp, sha256_file(path))
-                self._cache[name] = cached
-        return FileEntry(name, stamp.size, cached[1])
 
-    def hashed_stamp(self, name: str) -> Stamp | None:
-        """The identity the file had when its SHA-256 was last computed."""
-        with self._lock:
-            cached = self._cache.get(name)
-        return cached[0] if cached else None
+
+@dataclass(frozen=True)
+class Offer:
+    """What one boot response sends: the manifest (frame 0) and the sealed payload."""
+
+    manifest: BootManifest
+    payload: SealedPayload
 
 
 def disk_facts(disk: Path) -> tuple[int, str]:
@@ -82,10 +184,11 @@ def disk_facts(disk: Path) -> tuple[int, str]:
     return size, hashlib.sha256(first).hexdigest()
 
 
-def build_manifest(cfg: Config, files: BootFiles, disk: Path, server_name: str) -> BootManifest:
+def build_offer(cfg: Config, files: BootFiles, disk: Path, server_name: str) -> Offer:
     size, first = disk_facts(disk)
-    return BootManifest(
-        files=[files.entry("kernel"), files.entry("initrd")],
+    payload = files.current()
+    manifest = BootManifest(
+        files=payload.files,
         cmdline=cfg.server.boot.cmdline,
         nbd=NbdInfo(
             port=cfg.link.nbd_port,
@@ -95,4 +198,7 @@ def build_manifest(cfg: Config, files: BootFiles, disk: Path, server_name: str) 
             first_sector_sha256=first,
         ),
         server_name=server_name,
+        chunk_size=payload.chunk_size,
+        payload_key=payload.key,
     )
+    return Offer(manifest, payload)

@@ -92,6 +92,9 @@ def test_paper_vectors(msg, key, nonce, header, expected):
     sealed = eax.seal(k, n, m, h)
     assert sealed.hex().upper() == expected
     assert eax.open_(k, n, sealed, h) == m
+    buf = bytearray(sealed)
+    assert eax.open_in_place(k, n, memoryview(buf), h) == m
+    assert buf[: len(m)] == m  # decrypted where it lay
 
 
 @pytest.mark.parametrize(("msg", "key", "nonce", "header", "expected"), PAPER_VECTORS)
@@ -105,6 +108,12 @@ def test_any_flipped_bit_is_refused(msg, key, nonce, header, expected):
             eax.open_(k, n, bytes(bad), h)
     with pytest.raises(eax.InvalidTag):
         eax.open_(k, n, sealed, h + b"x")
+    for i in range(len(sealed)):
+        bad = bytearray(sealed)
+        bad[i] ^= 0x80
+        with pytest.raises(eax.InvalidTag):
+            eax.open_in_place(k, n, memoryview(bad), h)
+        assert bad[:i] + bad[i + 1 :] == sealed[:i] + sealed[i + 1 :]  # refused untouched
 
 
 @given(
@@ -127,6 +136,17 @@ def test_matches_pycryptodome_and_streams(key, nonce, header, msg, split):
     out = dec.update(c[:split]) + dec.update(c[split:])
     dec.verify(tag)
     assert out == msg
+
+
+@given(
+    key=st.sampled_from([16, 24, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    tweak=st.integers(min_value=0, max_value=2),
+    data=st.binary(min_size=1, max_size=200) | st.integers(1, 1 << 17).map(os.urandom),
+)
+def test_bulk_omac_equals_cmac(key, tweak, data):
+    """The CBC route to OMAC (which lets threads MAC in parallel) is CMAC exactly, at every
+    length: complete and padded last blocks, one block, many."""
+    assert eax._omac_bulk(key, tweak, memoryview(data)) == eax._omac(key, tweak, data).finalize()
 
 
 def test_wrong_key_size_is_refused():

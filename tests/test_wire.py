@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 
@@ -13,7 +14,7 @@ from bootlink.common import wire
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.server.discovery import ChallengeBook
 from bootlink.server.http_service import BootService
-from bootlink.server.payload import BootFiles
+from bootlink.server.payload import BootFiles, Offer
 
 K1, K2 = os.urandom(32), os.urandom(32)
 OFFER = wire.ServerOffer(7472, 10809, os.urandom(16), "laptop")
@@ -63,24 +64,34 @@ def test_challenges_expire():
 
 
 def _stream(tmp_path, kernel=b"K" * 2500, initrd=b"I" * 1000, chunk=1024):
-    import hashlib
-
     (tmp_path / "kernel").write_bytes(kernel)
     (tmp_path / "initrd").write_bytes(initrd)
-    manifest = wire.BootManifest(
-        files=[
-            wire.FileEntry("kernel", len(kernel), hashlib.sha256(kernel).hexdigest()),
-            wire.FileEntry("initrd", len(initrd), hashlib.sha256(initrd).hexdigest()),
-        ],
-        cmdline="root=/dev/nbd0p1",
-        nbd=wire.NbdInfo(10809, "bootlink", 1 << 20, False, "0" * 64),
-        chunk_size=chunk,
-    )
-    service = _service(tmp_path, manifest)
+    offer = _offer(tmp_path, chunk)
+    service = _service(offer)
     ch, nonce = os.urandom(16), wire.new_nonce()
-    frames = list(service.frames(ch, nonce, manifest))
-    assert sum(map(len, frames)) == BootService.response_length(manifest)
-    return frames, wire.session_key(K1, ch, nonce), manifest
+    frames = _split(b"".join(service.frames(ch, nonce, offer)))
+    assert sum(map(len, frames)) == len(service.head(ch, nonce, offer)) + offer.payload.length
+    return frames, wire.session_key(K1, ch, nonce), offer.manifest
+
+
+def _offer(tmp_path, chunk=1024):
+    files = BootFiles(tmp_path / "kernel", tmp_path / "initrd", chunk_size=chunk)
+    nbd = wire.NbdInfo(10809, "bootlink", 1 << 20, False, "0" * 64)
+    payload = files.current()
+    manifest = wire.BootManifest(
+        payload.files, "root=/dev/nbd0p1", nbd, chunk_size=chunk, payload_key=payload.key
+    )
+    return Offer(manifest, payload)
+
+
+def _split(data: bytes) -> list[bytes]:
+    """The response cut into its frames (length-prefixed)."""
+    frames, i = [], 0
+    while i < len(data):
+        n = wire.FRAME_HEAD.unpack_from(data, i)[0] + wire.FRAME_HEAD.size
+        frames.append(data[i : i + n])
+        i += n
+    return frames
 
 
 def _receive(tmp_path, data: bytes, k_sess: bytes):
@@ -115,35 +126,59 @@ def test_stream_tamper_truncate_reorder_are_refused(tmp_path):
         assert leftovers == [], f"{what} left {leftovers}"
 
 
-def _service(tmp_path, manifest):
-    files = BootFiles(tmp_path / "kernel", tmp_path / "initrd")
+def _service(offer):
     return BootService(
         k_xfer=K1,
         challenges=ChallengeBook(),
-        manifest=lambda: manifest,
-        file_paths=files.paths,
+        offer=lambda: offer,
         link_ifindexes=set,
         on_authenticated=lambda *_: None,
-        hashed_stamp=files.hashed_stamp,
     )
 
 
-def test_file_changing_while_sent_cuts_the_stream(tmp_path):
-    _, _, manifest = _stream(tmp_path, kernel=b"K" * 40 * 1024)  # more than the read-ahead
-    service = _service(tmp_path, manifest)
-    frames = service.frames(os.urandom(16), wire.new_nonce(), manifest)
-    next(frames), next(frames)  # manifest and the first kernel frame are out
-    os.utime(tmp_path / "kernel", ns=(1, 1))  # rewritten in place while being sent
-    with pytest.raises(BootlinkError, match="changed while being sent"):
-        list(frames)
+def test_payload_is_resealed_under_a_new_key_when_a_file_changes(tmp_path):
+    (tmp_path / "kernel").write_bytes(b"K" * 3000)
+    (tmp_path / "initrd").write_bytes(b"I" * 10)
+    files = BootFiles(tmp_path / "kernel", tmp_path / "initrd", chunk_size=1024)
+    first = files.current()
+    assert files.current() is first  # sealed once, sent many times
+    (tmp_path / "kernel").write_bytes(b"k" * 3001)
+    second = files.current()
+    assert second.key != first.key
+    assert second.files[0] == wire.FileEntry(
+        "kernel", 3001, hashlib.sha256(b"k" * 3001).hexdigest()
+    )
+    # frames of the old payload spliced into a stream that announces the new one fail
+    offer = Offer(_offer(tmp_path).manifest, first)
+    ch, nonce = os.urandom(16), wire.new_nonce()
+    data = b"".join(_service(offer).frames(ch, nonce, offer))
+    head = _split(data)[0]
+    new = _offer(tmp_path)
+    mixed = _service(new).head(ch, nonce, new) + data[len(head) :]
+    with pytest.raises(ProtocolError, match="failed authentication"):
+        _receive(tmp_path, mixed, wire.session_key(K1, ch, nonce))
 
 
-def test_file_changed_after_hashing_is_not_sent(tmp_path):
+def test_manifest_never_shows_the_payload_key(tmp_path):
     _, _, manifest = _stream(tmp_path)
-    service = _service(tmp_path, manifest)
+    assert manifest.payload_key.hex() not in repr(manifest)
+    assert wire.BootManifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+def test_file_rewritten_in_place_is_sent_as_it_is_now(tmp_path):
+    _stream(tmp_path)
+    offer = _offer(tmp_path)
     (tmp_path / "initrd").write_bytes(b"X" * 1000)  # same size, other content
-    with pytest.raises(BootlinkError, match="changed while being sent"):
-        list(service.frames(os.urandom(16), wire.new_nonce(), manifest))
+    fresh = _offer(tmp_path)
+    assert fresh.payload.key != offer.payload.key
+    ch, nonce = os.urandom(16), wire.new_nonce()
+    got = _receive(
+        tmp_path,
+        b"".join(_service(fresh).frames(ch, nonce, fresh)),
+        wire.session_key(K1, ch, nonce),
+    )
+    assert got.paths["initrd"].read_bytes() == b"X" * 1000
+    assert got.manifest.files[1].sha256 == hashlib.sha256(b"X" * 1000).hexdigest()
 
 
 # --- every parser only ever raises ProtocolError, whatever it is fed ----------------------
@@ -208,10 +243,10 @@ def test_fuzz_manifest_structure(obj):
 @settings(max_examples=50)
 @given(st.binary(max_size=400))
 def test_fuzz_frame_reader(data):
-    reader = wire.FrameReader(K1, io.BytesIO(data))
+    reader = wire.FrameReader(io.BytesIO(data))
     try:
         while True:
-            reader.next()
+            reader.next(K1)
     except ProtocolError:
         pass
 
