@@ -8,6 +8,15 @@
  *
  * Keccak here is the original (pre-FIPS-202) padding used by Ethereum and Swarm:
  * domain byte 0x01, not SHA3's 0x06.
+ *
+ * Speed: W chunks are hashed side by side ("lane-sliced": Keccak lane i of chunk j's
+ * current node is element j of vector i), so every BMT level of every chunk, the top
+ * nodes and the span hash included, runs W-wide and nothing is transposed between
+ * levels. W is 8 with AVX-512 (32 zmm registers hold the state), 4 with AVX2 (ymm) and
+ * 2 in the portable build (SSE2 / NEON): wider vectors than the registers only spill.
+ * The variant the CPU and OS support is chosen at load time (cpuid via libgcc, which
+ * also checks the OS saves the vector state); bmt_set_impl lets the tests run each one
+ * against the vectors.
  */
 #include <stdint.h>
 #include <string.h>
@@ -25,61 +34,61 @@ static const uint64_t RC[24] = {
     0x8000000000008080ULL, 0x0000000080000001ULL, 0x8000000080008008ULL,
 };
 
-/* Keccak-f[1600] on 25 little-endian lanes, lane index = x + 5*y. Each round is
- * theta, rho+pi (combined, written out lane by lane so the compiler keeps the state
- * in registers), chi and iota. */
-static void keccakf(uint64_t s[25]) {
-    for (int round = 0; round < 24; round++) {
-        uint64_t c0 = s[0] ^ s[5] ^ s[10] ^ s[15] ^ s[20];
-        uint64_t c1 = s[1] ^ s[6] ^ s[11] ^ s[16] ^ s[21];
-        uint64_t c2 = s[2] ^ s[7] ^ s[12] ^ s[17] ^ s[22];
-        uint64_t c3 = s[3] ^ s[8] ^ s[13] ^ s[18] ^ s[23];
-        uint64_t c4 = s[4] ^ s[9] ^ s[14] ^ s[19] ^ s[24];
-        uint64_t d0 = c4 ^ ROL64(c1, 1);
-        uint64_t d1 = c0 ^ ROL64(c2, 1);
-        uint64_t d2 = c1 ^ ROL64(c3, 1);
-        uint64_t d3 = c2 ^ ROL64(c4, 1);
-        uint64_t d4 = c3 ^ ROL64(c0, 1);
-
-        /* b[y + 5*((2x+3y) mod 5)] = rol(a[x + 5y] ^ d[x], r[x][y]) */
-        uint64_t b[25];
-        b[0] = s[0] ^ d0;
-        b[10] = ROL64(s[1] ^ d1, 1);
-        b[20] = ROL64(s[2] ^ d2, 62);
-        b[5] = ROL64(s[3] ^ d3, 28);
-        b[15] = ROL64(s[4] ^ d4, 27);
-        b[16] = ROL64(s[5] ^ d0, 36);
-        b[1] = ROL64(s[6] ^ d1, 44);
-        b[11] = ROL64(s[7] ^ d2, 6);
-        b[21] = ROL64(s[8] ^ d3, 55);
-        b[6] = ROL64(s[9] ^ d4, 20);
-        b[7] = ROL64(s[10] ^ d0, 3);
-        b[17] = ROL64(s[11] ^ d1, 10);
-        b[2] = ROL64(s[12] ^ d2, 43);
-        b[12] = ROL64(s[13] ^ d3, 25);
-        b[22] = ROL64(s[14] ^ d4, 39);
-        b[23] = ROL64(s[15] ^ d0, 41);
-        b[8] = ROL64(s[16] ^ d1, 45);
-        b[18] = ROL64(s[17] ^ d2, 15);
-        b[3] = ROL64(s[18] ^ d3, 21);
-        b[13] = ROL64(s[19] ^ d4, 8);
-        b[14] = ROL64(s[20] ^ d0, 18);
-        b[24] = ROL64(s[21] ^ d1, 2);
-        b[9] = ROL64(s[22] ^ d2, 61);
-        b[19] = ROL64(s[23] ^ d3, 56);
-        b[4] = ROL64(s[24] ^ d4, 14);
-
-        for (int y = 0; y < 25; y += 5) {
-            uint64_t t0 = b[y], t1 = b[y + 1], t2 = b[y + 2], t3 = b[y + 3], t4 = b[y + 4];
-            s[y] = t0 ^ (~t1 & t2);
-            s[y + 1] = t1 ^ (~t2 & t3);
-            s[y + 2] = t2 ^ (~t3 & t4);
-            s[y + 3] = t3 ^ (~t4 & t0);
-            s[y + 4] = t4 ^ (~t0 & t1);
-        }
-        s[0] ^= RC[round];
+/* Keccak-f[1600] round on 25 lanes of type T (uint64_t, or a vector of them), lane
+ * index = x + 5*y: theta, rho+pi (b[y + 5*((2x+3y) mod 5)] = rol(a[x+5y] ^ d[x], r)),
+ * chi, iota. Written out lane by lane so the compiler keeps the state in registers;
+ * with AVX-512 the xor-of-three and chi become one vpternlogq each. */
+#define KECCAK_ROUNDS(T, ROL, s, RCV)                                           \
+    for (int round = 0; round < 24; round++) {                                  \
+        T c0 = s[0] ^ s[5] ^ s[10] ^ s[15] ^ s[20];                             \
+        T c1 = s[1] ^ s[6] ^ s[11] ^ s[16] ^ s[21];                             \
+        T c2 = s[2] ^ s[7] ^ s[12] ^ s[17] ^ s[22];                             \
+        T c3 = s[3] ^ s[8] ^ s[13] ^ s[18] ^ s[23];                             \
+        T c4 = s[4] ^ s[9] ^ s[14] ^ s[19] ^ s[24];                             \
+        T d0 = c4 ^ ROL(c1, 1);                                                 \
+        T d1 = c0 ^ ROL(c2, 1);                                                 \
+        T d2 = c1 ^ ROL(c3, 1);                                                 \
+        T d3 = c2 ^ ROL(c4, 1);                                                 \
+        T d4 = c3 ^ ROL(c0, 1);                                                 \
+        T b[25];                                                                \
+        b[0] = s[0] ^ d0;                                                       \
+        b[10] = ROL(s[1] ^ d1, 1);                                              \
+        b[20] = ROL(s[2] ^ d2, 62);                                             \
+        b[5] = ROL(s[3] ^ d3, 28);                                              \
+        b[15] = ROL(s[4] ^ d4, 27);                                             \
+        b[16] = ROL(s[5] ^ d0, 36);                                             \
+        b[1] = ROL(s[6] ^ d1, 44);                                              \
+        b[11] = ROL(s[7] ^ d2, 6);                                              \
+        b[21] = ROL(s[8] ^ d3, 55);                                             \
+        b[6] = ROL(s[9] ^ d4, 20);                                              \
+        b[7] = ROL(s[10] ^ d0, 3);                                              \
+        b[17] = ROL(s[11] ^ d1, 10);                                            \
+        b[2] = ROL(s[12] ^ d2, 43);                                             \
+        b[12] = ROL(s[13] ^ d3, 25);                                            \
+        b[22] = ROL(s[14] ^ d4, 39);                                            \
+        b[23] = ROL(s[15] ^ d0, 41);                                            \
+        b[8] = ROL(s[16] ^ d1, 45);                                             \
+        b[18] = ROL(s[17] ^ d2, 15);                                            \
+        b[3] = ROL(s[18] ^ d3, 21);                                             \
+        b[13] = ROL(s[19] ^ d4, 8);                                             \
+        b[14] = ROL(s[20] ^ d0, 18);                                            \
+        b[24] = ROL(s[21] ^ d1, 2);                                             \
+        b[9] = ROL(s[22] ^ d2, 61);                                             \
+        b[19] = ROL(s[23] ^ d3, 56);                                            \
+        b[4] = ROL(s[24] ^ d4, 14);                                             \
+        for (int y = 0; y < 25; y += 5) {                                       \
+            T t0 = b[y], t1 = b[y + 1], t2 = b[y + 2], t3 = b[y + 3], t4 = b[y + 4]; \
+            s[y] = t0 ^ (~t1 & t2);                                             \
+            s[y + 1] = t1 ^ (~t2 & t3);                                         \
+            s[y + 2] = t2 ^ (~t3 & t4);                                         \
+            s[y + 3] = t3 ^ (~t4 & t0);                                         \
+            s[y + 4] = t4 ^ (~t0 & t1);                                         \
+        }                                                                       \
+        s[0] ^= RCV(RC[round]);                                                 \
     }
-}
+
+#define SCALAR_RC(x) (x)
+static void keccakf(uint64_t s[25]) { KECCAK_ROUNDS(uint64_t, ROL64, s, SCALAR_RC) }
 
 static uint64_t load64(const uint8_t *p) {
     uint64_t v;
@@ -107,6 +116,115 @@ void bmt_keccak256(const uint8_t *in, size_t len, uint8_t out[32]) {
     memcpy(out, s, 32);
 }
 
+/* ---- W chunks at once ------------------------------------------------------------ */
+typedef uint64_t v8u64 __attribute__((vector_size(64)));
+typedef uint64_t v4u64 __attribute__((vector_size(32)));
+typedef uint64_t v2u64 __attribute__((vector_size(16)));
+#define VROL(x, n) (((x) << (n)) | ((x) >> (64 - (n))))
+#define SPLAT(V, x) ((V){0} + (x))
+
+/* Eight 64-byte rows (row j at p[j] + off) -> eight vectors, vector k = 64-bit word k of
+ * every row: an 8x8 transpose in three shuffle stages (vpermt2q with AVX-512). */
+static inline __attribute__((always_inline)) void load_v8u64(const uint8_t *const p[8], size_t off,
+                                                          v8u64 out[8]) {
+    v8u64 r[8], t[8], u[8];
+    for (int j = 0; j < 8; j++) memcpy(&r[j], p[j] + off, 64);
+    const v8u64 lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8u64 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8u64 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = __builtin_shuffle(r[j], r[j + 1], lo1);     /* words 0,2,4,6 of rows j,j+1 */
+        t[j + 1] = __builtin_shuffle(r[j], r[j + 1], hi1); /* words 1,3,5,7 */
+    }
+    for (int h = 0; h < 8; h += 4) {
+        u[h] = __builtin_shuffle(t[h], t[h + 2], lo2);         /* words 0,4 of 4 rows */
+        u[h + 1] = __builtin_shuffle(t[h + 1], t[h + 3], lo2); /* words 1,5 */
+        u[h + 2] = __builtin_shuffle(t[h], t[h + 2], hi2);     /* words 2,6 */
+        u[h + 3] = __builtin_shuffle(t[h + 1], t[h + 3], hi2); /* words 3,7 */
+    }
+    for (int k = 0; k < 4; k++) {
+        out[k] = __builtin_shuffle(u[k], u[k + 4], lo4);
+        out[k + 4] = __builtin_shuffle(u[k], u[k + 4], hi4);
+    }
+}
+
+/* The same for 4 or 2 rows: word by word (a few inserts per ~3000-op permutation). */
+static inline __attribute__((always_inline)) void load_v4u64(const uint8_t *const p[4],
+                                                             size_t off, v4u64 out[8]) {
+    for (size_t k = 0; k < 64; k += 8)
+        out[k / 8] = (v4u64){load64(p[0] + off + k), load64(p[1] + off + k),
+                             load64(p[2] + off + k), load64(p[3] + off + k)};
+}
+static inline __attribute__((always_inline)) void load_v2u64(const uint8_t *const p[2],
+                                                             size_t off, v2u64 out[8]) {
+    for (size_t k = 0; k < 64; k += 8)
+        out[k / 8] = (v2u64){load64(p[0] + off + k), load64(p[1] + off + k)};
+}
+
+/* A BMT node is keccak256 of 64 bytes: lanes 0-7 hold it, padding 0x01 at byte 64 and
+ * 0x80 at byte 135; the hash is lanes 0-3. */
+#define NODE_PERMUTE(V, s)                                           \
+    do {                                                             \
+        s[8] = SPLAT(V, 0x01);                                       \
+        for (int i_ = 9; i_ < 25; i_++) s[i_] = SPLAT(V, 0);         \
+        s[16] = SPLAT(V, 0x8000000000000000ULL);                     \
+        KECCAK_ROUNDS(V, VROL, s, RCV_##V)                           \
+    } while (0)
+#define RCV_v8u64(x) SPLAT(v8u64, x)
+#define RCV_v4u64(x) SPLAT(v4u64, x)
+#define RCV_v2u64(x) SPLAT(v2u64, x)
+
+/* bmt_many_V: BMT chunk addresses of W zero-padded 4096-byte payloads p[j] with spans
+ * span[j]; address j goes to out[j]. The nodes of a level are kept lane-sliced in h:
+ * node m's hash is h[4m..4m+3], so the next level's node m is simply h[8m..8m+7], and
+ * each level overwrites h in place (node m is written after nodes 2m and 2m+1 were read).
+ *
+ * level_V: one BMT level of one chunk, W nodes at a time: n (a multiple of W) 64-byte
+ * nodes at in -> n 32-byte hashes at out. out may overlap in (out[32i] never runs ahead
+ * of in[64i]): each group is fully loaded before its results are stored. */
+#define DEFINE_WIDTH(V, W)                                                                \
+    static inline __attribute__((always_inline)) void bmt_many_##V(                       \
+        const uint8_t *const p[W], const uint64_t span[W], uint8_t *const out[W]) {       \
+        V h[64 * 4];                                                                      \
+        V s[25];                                                                          \
+        for (int m = 0; m < 64; m++) { /* leaves: 64-byte segment pairs of the payload */ \
+            load_##V(p, 64 * (size_t)m, s);                                               \
+            NODE_PERMUTE(V, s);                                                           \
+            for (int i = 0; i < 4; i++) h[4 * m + i] = s[i];                              \
+        }                                                                                 \
+        for (int n = 32; n >= 1; n /= 2) {                                                \
+            for (int m = 0; m < n; m++) {                                                 \
+                for (int i = 0; i < 8; i++) s[i] = h[8 * m + i];                          \
+                NODE_PERMUTE(V, s);                                                       \
+                for (int i = 0; i < 4; i++) h[4 * m + i] = s[i];                          \
+            }                                                                             \
+        }                                                                                 \
+        /* address = keccak256(u64le span || root): 40 bytes, padding at 40 and 135 */    \
+        memcpy(&s[0], span, sizeof(V));                                                   \
+        for (int i = 0; i < 4; i++) s[1 + i] = h[i];                                      \
+        s[5] = SPLAT(V, 0x01);                                                            \
+        for (int i = 6; i < 25; i++) s[i] = SPLAT(V, 0);                                  \
+        s[16] = SPLAT(V, 0x8000000000000000ULL);                                          \
+        KECCAK_ROUNDS(V, VROL, s, RCV_##V)                                                \
+        for (int j = 0; j < W; j++)                                                       \
+            for (int i = 0; i < 4; i++) memcpy(out[j] + 8 * i, &s[i][j], 8);              \
+    }                                                                                     \
+    static inline __attribute__((always_inline)) void level_##V(const uint8_t *in,        \
+                                                                uint8_t *out, size_t n) { \
+        for (size_t g = 0; g < n; g += W) {                                               \
+            const uint8_t *p[W];                                                          \
+            for (int j = 0; j < W; j++) p[j] = in + 64 * (g + j);                         \
+            V s[25] = {0}; /* (GCC 12 warns falsely about s[0..7] otherwise) */           \
+            load_##V(p, 0, s);                                                            \
+            NODE_PERMUTE(V, s);                                                           \
+            for (int j = 0; j < W; j++)                                                   \
+                for (int i = 0; i < 4; i++) memcpy(out + 32 * (g + j) + 8 * i, &s[i][j], 8); \
+        }                                                                                 \
+    }
+DEFINE_WIDTH(v8u64, 8)
+DEFINE_WIDTH(v4u64, 4)
+DEFINE_WIDTH(v2u64, 2)
+
 /* keccak256 of exactly 64 bytes (one BMT node: two child hashes). */
 static void keccak64(const uint8_t in[64], uint8_t out[32]) {
     uint64_t s[25] = {0};
@@ -117,111 +235,80 @@ static void keccak64(const uint8_t in[64], uint8_t out[32]) {
     memcpy(out, s, 32);
 }
 
-/* ---- 8 BMT nodes at once -------------------------------------------------------
- * The lower BMT levels hash 64, 32, 16 and 8 independent 64-byte messages: ideal for
- * SIMD. keccakf_x8 runs eight Keccak-f[1600] states side by side, lane i of state j in
- * element j of vector i. GCC's vector extensions compile this for AVX-512 (vprolq,
- * vpternlogq), AVX2 or plain SSE2; target_clones picks the best one the CPU has at
- * load time, so the library stays portable. */
-typedef uint64_t v8u64 __attribute__((vector_size(64)));
+/* One implementation = the W-wide many-chunk function + the single-chunk level. */
+typedef struct {
+    const char *name;
+    int width;
+    void (*many)(const uint8_t *const *p, const uint64_t *span, uint8_t *const *out);
+    void (*level)(const uint8_t *in, uint8_t *out, size_t n);
+} bmt_impl_t;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
+#define DEFINE_IMPL(NAME, ATTR, V, W)                                                     \
+    ATTR static void many_##NAME(const uint8_t *const *p, const uint64_t *span,           \
+                                 uint8_t *const *out) {                                   \
+        bmt_many_##V(p, span, out);                                                       \
+    }                                                                                     \
+    ATTR static void level_##NAME(const uint8_t *in, uint8_t *out, size_t n) {            \
+        level_##V(in, out, n);                                                            \
+    }                                                                                     \
+    static const bmt_impl_t IMPL_##NAME = {#NAME, W, many_##NAME, level_##NAME};
+
+DEFINE_IMPL(portable, , v2u64, 2)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_X86_VARIANTS 1
+DEFINE_IMPL(avx2, __attribute__((target("avx2"))), v4u64, 4)
+DEFINE_IMPL(avx512, __attribute__((target("avx512f,avx512vl"))), v8u64, 8)
 #endif
 
-#define VROL(x, n) (((x) << (n)) | ((x) >> (64 - (n))))
+enum { IMPL_AUTO = 0, IMPL_PORTABLE = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
+static const bmt_impl_t *impl = &IMPL_portable;
+static int impl_id = IMPL_PORTABLE;
 
-static inline __attribute__((always_inline)) void keccakf_x8(v8u64 s[25]) {
-    for (int round = 0; round < 24; round++) {
-        v8u64 c0 = s[0] ^ s[5] ^ s[10] ^ s[15] ^ s[20];
-        v8u64 c1 = s[1] ^ s[6] ^ s[11] ^ s[16] ^ s[21];
-        v8u64 c2 = s[2] ^ s[7] ^ s[12] ^ s[17] ^ s[22];
-        v8u64 c3 = s[3] ^ s[8] ^ s[13] ^ s[18] ^ s[23];
-        v8u64 c4 = s[4] ^ s[9] ^ s[14] ^ s[19] ^ s[24];
-        v8u64 d0 = c4 ^ VROL(c1, 1);
-        v8u64 d1 = c0 ^ VROL(c2, 1);
-        v8u64 d2 = c1 ^ VROL(c3, 1);
-        v8u64 d3 = c2 ^ VROL(c4, 1);
-        v8u64 d4 = c3 ^ VROL(c0, 1);
-        v8u64 b[25];
-        b[0] = s[0] ^ d0;
-        b[10] = VROL(s[1] ^ d1, 1);
-        b[20] = VROL(s[2] ^ d2, 62);
-        b[5] = VROL(s[3] ^ d3, 28);
-        b[15] = VROL(s[4] ^ d4, 27);
-        b[16] = VROL(s[5] ^ d0, 36);
-        b[1] = VROL(s[6] ^ d1, 44);
-        b[11] = VROL(s[7] ^ d2, 6);
-        b[21] = VROL(s[8] ^ d3, 55);
-        b[6] = VROL(s[9] ^ d4, 20);
-        b[7] = VROL(s[10] ^ d0, 3);
-        b[17] = VROL(s[11] ^ d1, 10);
-        b[2] = VROL(s[12] ^ d2, 43);
-        b[12] = VROL(s[13] ^ d3, 25);
-        b[22] = VROL(s[14] ^ d4, 39);
-        b[23] = VROL(s[15] ^ d0, 41);
-        b[8] = VROL(s[16] ^ d1, 45);
-        b[18] = VROL(s[17] ^ d2, 15);
-        b[3] = VROL(s[18] ^ d3, 21);
-        b[13] = VROL(s[19] ^ d4, 8);
-        b[14] = VROL(s[20] ^ d0, 18);
-        b[24] = VROL(s[21] ^ d1, 2);
-        b[9] = VROL(s[22] ^ d2, 61);
-        b[19] = VROL(s[23] ^ d3, 56);
-        b[4] = VROL(s[24] ^ d4, 14);
-        for (int y = 0; y < 25; y += 5) {
-            v8u64 t0 = b[y], t1 = b[y + 1], t2 = b[y + 2], t3 = b[y + 3], t4 = b[y + 4];
-            s[y] = t0 ^ (~t1 & t2);
-            s[y + 1] = t1 ^ (~t2 & t3);
-            s[y + 2] = t2 ^ (~t3 & t4);
-            s[y + 3] = t3 ^ (~t4 & t0);
-            s[y + 4] = t4 ^ (~t0 & t1);
-        }
-        s[0] ^= (v8u64){RC[round], RC[round], RC[round], RC[round],
-                        RC[round], RC[round], RC[round], RC[round]};
-    }
+static const bmt_impl_t *impl_for(int which) {
+    if (which == IMPL_PORTABLE) return &IMPL_portable;
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (which == IMPL_AVX2 && __builtin_cpu_supports("avx2")) return &IMPL_avx2;
+    if (which == IMPL_AVX512 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl"))
+        return &IMPL_avx512;
+#endif
+    return NULL;
 }
 
-/* One BMT level: n (a multiple of 8) 64-byte nodes at in -> n 32-byte hashes at out.
- * out may overlap in as in bmt_chunk_address (out[32i] never runs ahead of in[64i]):
- * each group of 8 is fully loaded before its results are stored. */
-MULTIVERSION
-static void keccak64_level_x8(const uint8_t *in, uint8_t *out, size_t n) {
-    for (size_t g = 0; g < n; g += 8) {
-        v8u64 s[25];
-        uint64_t tmp[8];
-        for (int lane = 0; lane < 8; lane++) {
-            for (int j = 0; j < 8; j++) tmp[j] = load64(in + 64 * (g + j) + 8 * lane);
-            memcpy(&s[lane], tmp, sizeof tmp);
-        }
-        v8u64 zero = {0};
-        v8u64 pad1 = zero + 0x01;
-        v8u64 pad2 = zero + 0x8000000000000000ULL;
-        s[8] = pad1;
-        for (int lane = 9; lane < 25; lane++) s[lane] = zero;
-        s[16] = pad2;
-        keccakf_x8(s);
-        for (int lane = 0; lane < 4; lane++) {
-            memcpy(tmp, &s[lane], sizeof tmp);
-            for (int j = 0; j < 8; j++) memcpy(out + 32 * (g + j) + 8 * lane, &tmp[j], 8);
-        }
+/* Choose the implementation: IMPL_AUTO picks the best this CPU supports. Returns the one
+ * now in use, or -1 (nothing changed) if `which` is unknown or unsupported here. For load
+ * time and tests: not to be called while other threads hash. */
+int bmt_set_impl(int which) {
+    if (which == IMPL_AUTO) {
+        which = impl_for(IMPL_AVX512) ? IMPL_AVX512
+                : impl_for(IMPL_AVX2) ? IMPL_AVX2
+                                      : IMPL_PORTABLE;
     }
+    const bmt_impl_t *chosen = impl_for(which);
+    if (chosen == NULL) return -1;
+    impl = chosen;
+    impl_id = which;
+    return which;
 }
+
+int bmt_get_impl(void) { return impl_id; }
+
+const char *bmt_impl_name(void) { return impl->name; }
+
+__attribute__((constructor)) static void bmt_init(void) { bmt_set_impl(IMPL_AUTO); }
 
 /* Swarm content-addressed chunk: keccak256(span as u64 LE || BMT root of the payload
- * zero-padded to 4096 bytes). Returns 0, or -1 if the payload is over 4096 bytes. */
+ * zero-padded to 4096 bytes). Returns 0, or -1 if the payload is over 4096 bytes.
+ * One chunk alone: its lower levels go W nodes at a time, the top few run scalar. */
 int bmt_chunk_address(uint64_t span, const uint8_t *payload, size_t len, uint8_t out[32]) {
     if (len > 4096) return -1;
     uint8_t buf[4096];
     memcpy(buf, payload, len);
     memset(buf + len, 0, 4096 - len);
-    /* Level by level in place: 4096 bytes -> 2048 -> ... -> 32. Node i of the next
-     * level overwrites bytes [32i, 32i+32), which its inputs [64i, 64i+64) have
-     * already been read from. 64, 32, 16 and 8 nodes go eight at a time. */
+    /* Level by level in place: 4096 bytes -> 2048 -> ... -> 32. */
     size_t width = 4096;
-    for (; width / 64 >= 8; width /= 2) keccak64_level_x8(buf, buf, width / 64);
+    for (; width / 64 >= (size_t)impl->width; width /= 2) impl->level(buf, buf, width / 64);
     for (; width > 32; width /= 2) {
         for (size_t i = 0; i < width / 64; i++) keccak64(buf + 64 * i, buf + 32 * i);
     }
@@ -236,8 +323,40 @@ int bmt_chunk_address(uint64_t span, const uint8_t *payload, size_t len, uint8_t
  * possibly shorter; span = payload length): out gets 32 bytes per chunk. One call per
  * batch keeps Python's per-call overhead out of the streaming verifier. */
 void bmt_leaf_addresses(const uint8_t *data, size_t len, uint8_t *out) {
-    for (size_t off = 0, i = 0; off < len; off += 4096, i++) {
-        size_t n = len - off < 4096 ? len - off : 4096;
-        bmt_chunk_address(n, data + off, n, out + 32 * i);
+    static const uint8_t zeros[4096];
+    uint8_t tail[4096], junk[32];
+    const size_t w = (size_t)impl->width;
+    size_t n = (len + 4095) / 4096;
+    for (size_t g = 0; g < n; g += w) {
+        if ((n - g) * 4 < w * 3) { /* mostly empty slots: one by one is cheaper */
+            for (size_t i = g; i < n; i++) {
+                size_t have = len - 4096 * i < 4096 ? len - 4096 * i : 4096;
+                bmt_chunk_address(have, data + 4096 * i, have, out + 32 * i);
+            }
+            break;
+        }
+        const uint8_t *p[8];
+        uint64_t span[8];
+        uint8_t *o[8];
+        for (size_t j = 0; j < w; j++) {
+            size_t i = g + j;
+            if (i >= n) { /* fewer than w left: hash zeros into a scratch output */
+                p[j] = zeros;
+                span[j] = 0;
+                o[j] = junk;
+                continue;
+            }
+            size_t have = len - 4096 * i < 4096 ? len - 4096 * i : 4096;
+            if (have < 4096) { /* only the last chunk can be short */
+                memcpy(tail, data + 4096 * i, have);
+                memset(tail + have, 0, 4096 - have);
+                p[j] = tail;
+            } else {
+                p[j] = data + 4096 * i;
+            }
+            span[j] = have;
+            o[j] = out + 32 * i;
+        }
+        impl->many(p, span, o);
     }
 }
