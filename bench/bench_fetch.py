@@ -66,6 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", choices=("swarm", "ipfs"), help="measure just one of them")
     args = ap.parse_args()
     size = args.size_mib << 20
     procs = []
@@ -83,6 +84,7 @@ def main() -> int:
             cids = {
                 lay: ipfs_src.add_file(src, gw, lay, progress=False)
                 for lay in ("kubo-v1", "v1-2025")
+                if args.only != "swarm"
             }
             data = src.read_bytes()
 
@@ -93,7 +95,7 @@ def main() -> int:
             base = timed(lambda: plain(bee, f"/bytes/{ref.hex()}", out), args.runs)
             check()
             rows.append(("swarm plain GET /bytes", base, base))
-            for mode in ("stream", "chunks"):
+            for mode in ("stream", "chunks") if args.only != "ipfs" else ():
                 runs = args.runs if mode == "stream" else 1
                 t = timed(
                     lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False), runs

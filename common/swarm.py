@@ -65,7 +65,8 @@ def _load_c_library() -> ctypes.CDLL | None:
         lib.bmt_keccak256.restype = None
         if not hasattr(lib, "bmt_set_impl"):
             continue  # a stale build from an older bootlink: ignore it
-        lib.bmt_leaf_addresses.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
+        # c_void_p: bytes (leaf_addresses) and ctypes arrays over bytearrays (_into) alike
+        lib.bmt_leaf_addresses.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         lib.bmt_leaf_addresses.restype = None
         lib.bmt_set_impl.argtypes = [ctypes.c_int]
         lib.bmt_set_impl.restype = ctypes.c_int
@@ -162,12 +163,31 @@ def leaf_addresses(data: bytes) -> bytes:
     n = -(-len(data) // CHUNK_SIZE)
     if _LIB is not None:
         out = ctypes.create_string_buffer(32 * n)
-        _LIB.bmt_leaf_addresses(data, len(data), out)
+        _LIB.bmt_leaf_addresses(ctypes.c_char_p(data), len(data), out)
         return out.raw
     return b"".join(
         chunk_address(len(data[i : i + CHUNK_SIZE]), data[i : i + CHUNK_SIZE])
         for i in range(0, len(data), CHUNK_SIZE)
     )
+
+
+def leaf_addresses_into(data: bytearray, length: int, out: bytearray, out_offset: int) -> None:
+    """Like leaf_addresses for data[:length], written into out[out_offset:], no copies.
+
+    For the streaming verifier: the C helper hashes straight from the receive buffer
+    into the result array (without the GIL), so worker threads do the whole job.
+    """
+    n = -(-length // CHUNK_SIZE)
+    if len(data) < length or len(out) < out_offset + 32 * n:
+        raise ValueError("leaf_addresses_into: buffer too small")
+    if _LIB is None:
+        out[out_offset : out_offset + 32 * n] = leaf_addresses(bytes(data[:length]))
+        return
+    if n == 0:
+        return
+    src = (ctypes.c_char * length).from_buffer(data)
+    dst = (ctypes.c_char * (32 * n)).from_buffer(out, out_offset)
+    _LIB.bmt_leaf_addresses(src, length, dst)
 
 
 def parse_reference(text: str) -> bytes:
@@ -283,6 +303,40 @@ def reference_of_file(path: Path, sink: ChunkSink | None = None, progress=None) 
             if progress is not None:
                 progress.advance(len(block))
     return tb.finish()
+
+
+def reference_from_leaves(
+    addrs: bytes | bytearray, size: int, sink: ChunkSink | None = None
+) -> bytes:
+    """The file reference, given the addresses of its data chunks (as leaf_addresses gives).
+
+    Builds the intermediate chunks from them exactly as TreeBuilder does (groups of 128;
+    a lone trailing child carried up unwrapped), but level by level on byte slices: a
+    group of 128 consecutive addresses *is* its parent chunk's payload. Intermediate
+    chunks go to `sink`.
+    """
+    n = len(addrs) // REF_SIZE
+    if n == 0 or len(addrs) != n * REF_SIZE or size <= (n - 1) * CHUNK_SIZE:
+        raise ValueError(f"{n} chunk addresses do not fit a {size}-byte file")
+    level = bytes(addrs)
+    spans = [CHUNK_SIZE] * (n - 1) + [size - (n - 1) * CHUNK_SIZE]
+    while len(spans) > 1:
+        up = bytearray()
+        up_spans = []
+        for g in range(0, len(spans), BRANCHES):
+            group = spans[g : g + BRANCHES]
+            payload = level[REF_SIZE * g : REF_SIZE * (g + len(group))]
+            if len(group) == 1:  # the lone trailing child (there are other groups)
+                up += payload
+                up_spans.append(group[0])
+            else:
+                addr = chunk_address(sum(group), payload)
+                if sink:
+                    sink(addr, sum(group), payload)
+                up += addr
+                up_spans.append(sum(group))
+        level, spans = bytes(up), up_spans
+    return level
 
 
 def subtree_size(span: int) -> int:

@@ -100,6 +100,22 @@ def test_leaf_addresses_batched_equal_one_by_one(data, junk):
             swarm.use_c_impl(None)
 
 
+@pytest.mark.parametrize(
+    "n_chunks", [1, 2, 127, 128, 129, 130, 128 * 2 + 1, 128 * 128, 128 * 128 + 1, 128 * 129 + 1]
+)
+@pytest.mark.parametrize("short", [0, 1, CS - 1])
+def test_reference_from_leaves_equals_splitter(n_chunks, short):
+    data = os.urandom(n_chunks * CS - short)
+    assert swarm.reference_from_leaves(swarm.leaf_addresses(data), len(data)) == (
+        swarm.reference_of_bytes(data)
+    )
+
+
+def test_reference_from_leaves_refuses_wrong_count():
+    with pytest.raises(ValueError):
+        swarm.reference_from_leaves(bytes(64), CS)  # 2 addresses, but 1 chunk of data
+
+
 def test_hello_swarm():
     ref = swarm.reference_of_bytes(b"Hello, Swarm!")
     assert ref.hex() == "680bb26ce329867d9063251135dea6f02b58d0ef3d4eb9076c3d5fc03fe54cf6"

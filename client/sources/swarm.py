@@ -9,11 +9,12 @@ or pad the file. Data chunks are written at their offsets as they arrive.
 
 Two modes, both verifying every chunk against its address:
 - `chunks`: every chunk, data chunks included, via `/chunks/{addr}`;
-- `stream` (default): the intermediate chunks (1 in 128) via `/chunks/{addr}`, which
-  gives the verified address of every data chunk; the data itself as one
-  `GET /bytes/{ref}` stream, cut into its 4 KiB chunks, each hashed (in parallel, the C
-  helper runs without the GIL) and compared with the address its verified parent names.
-  One request instead of one per 4 KiB; a bad chunk is still named.
+- `stream` (default): the data as one `GET /bytes/{ref}` stream, cut into its 4 KiB
+  chunks, each hashed (in parallel, the C helper runs without the GIL); the
+  intermediate chunks are rebuilt from those addresses up to the root, which must be
+  the reference asked for. One request instead of one per 4 KiB. If it is not, the
+  intermediate chunks are fetched via `/chunks/{addr}` (each verified) to name the bad
+  chunk.
 
 Publishing (`upload_file`) uses `POST /bytes` with `Swarm-Redundancy-Level: 0` so the
 reference is the plain BMT root we computed offline, and checks that it is.
@@ -21,8 +22,10 @@ reference is the plain BMT root we computed offline, and checks that it is.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
+import queue
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from ._http import HttpClient, HttpError, TooLarge, error_text
 log = logging.getLogger("bootlink.sources.swarm")
 
 DEFAULT_WORKERS = 32
+STREAM_BLOCK = 1 << 20  # bytes received per buffer and hashed per job in stream mode
 MODES = ("stream", "chunks")
 
 
@@ -261,63 +265,101 @@ def _fetch_stream(
     workers: int,
     prog: Progress | None,
 ) -> int:
-    """Tree via /chunks and data via /bytes, concurrently; compare addresses at the end.
+    """Data via /bytes, every data chunk hashed; the tree rebuilt from them must give `root`.
 
     The data chunks' addresses are computed from the stream as it arrives (the expensive
-    part, in parallel) while another thread fetches and verifies the tree that says what
-    they must be. Nothing is renamed into place before every address matched.
+    part); the intermediate chunks are then computed from those, exactly as the
+    publisher's splitter made them, up to the root. Equal to the reference asked for =
+    every chunk, data and intermediate, is the one the reference commits to (keccak256's
+    collision resistance, as for any Merkle tree). Only when it differs is the tree
+    fetched, to name the chunk that is wrong. Nothing is renamed into place before.
+
+    This thread only receives, into a few reused 1 MiB buffers; hashing (the C helper,
+    without the GIL, straight into `computed`) and writing each buffer out are the
+    hashers' job, so receiving, hashing and the server run at once on separate cores.
     """
     n_leaves = -(-span // swarm.CHUNK_SIZE)
     url = bee.http.url(f"/bytes/{root.hex()}")
     stream = HttpClient(bee.http.base, bee.http.timeout)
     computed = bytearray(32 * n_leaves)
-    batch = 64 * swarm.CHUNK_SIZE  # 256 KiB per hashing job
     hashers = max(2, os.cpu_count() or 2)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-tree") as tree_pool:
-        tree = tree_pool.submit(_leaf_addresses, bee, root, span, payload, workers)
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(hashers + 2):
+        free.put(bytearray(STREAM_BLOCK))
+
+    def digest(buf: bytearray, start: int, length: int) -> None:
         try:
-            resp = stream.request("GET", f"/bytes/{root.hex()}")
-        except HttpError as exc:
-            raise SwarmChunkError(f"{exc}; try another --bee or --swarm-mode chunks") from None
-        if resp.status != 200:
-            body = resp.read(4096)
-            stream.close()
-            raise SwarmChunkError(
-                f"{url}: HTTP {resp.status} {error_text(body)}; try another --bee "
-                "or --swarm-mode chunks"
-            )
-        try:
-            with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
-                pending: list[tuple[int, Future]] = []
-                for start in range(0, span, batch):
-                    want = min(batch, span - start)
-                    try:
-                        data = resp.read(want)
-                    except (OSError, http_client_errors()) as exc:
-                        raise SwarmChunkError(
-                            f"{url}: stream broke at byte {start}: {exc}"
-                        ) from None
-                    if len(data) != want:
-                        raise SwarmChunkError(
-                            f"{url}: stream ended at byte {start + len(data)} of {span}: "
-                            "truncated; retry or try another --bee"
-                        )
-                    os.pwrite(fd, data, start)
-                    pending.append((start, pool.submit(swarm.leaf_addresses, data)))
-                    if prog:
-                        prog.advance(want)
-                    while len(pending) > hashers * 2 or (pending and pending[0][1].done()):
-                        first, fut = pending.pop(0)
-                        i = first // swarm.CHUNK_SIZE
-                        addrs = fut.result()
-                        computed[32 * i : 32 * i + len(addrs)] = addrs
-                for first, fut in pending:
-                    i = first // swarm.CHUNK_SIZE
-                    addrs = fut.result()
-                    computed[32 * i : 32 * i + len(addrs)] = addrs
+            swarm.leaf_addresses_into(buf, length, computed, 32 * (start // swarm.CHUNK_SIZE))
+            view = memoryview(buf)[:length]
+            while view:  # a regular file takes it all at once, barring errors
+                n = os.pwrite(fd, view, start)
+                view, start = view[n:], start + n
         finally:
-            stream.close()  # whatever is left unread on the connection is not reused
-        leaves, count = tree.result()
+            free.put(buf)  # even after a failed write, or the receiver would wait forever
+
+    try:
+        resp = stream.request("GET", f"/bytes/{root.hex()}")
+    except HttpError as exc:
+        raise SwarmChunkError(f"{exc}; try another --bee or --swarm-mode chunks") from None
+    if resp.status != 200:
+        body = resp.read(4096)
+        stream.close()
+        raise SwarmChunkError(
+            f"{url}: HTTP {resp.status} {error_text(body)}; try another --bee "
+            "or --swarm-mode chunks"
+        )
+    try:
+        with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
+            jobs: list[Future] = []
+            for start in range(0, span, STREAM_BLOCK):
+                want = min(STREAM_BLOCK, span - start)
+                buf = free.get()
+                got = _read_into(resp, memoryview(buf)[:want], url, start)
+                if got != want:
+                    raise SwarmChunkError(
+                        f"{url}: stream ended at byte {start + got} of {span}: "
+                        "truncated; retry or try another --bee"
+                    )
+                jobs.append(pool.submit(digest, buf, start, want))
+                if prog:
+                    prog.advance(want)
+                while jobs and jobs[0].done():
+                    jobs.pop(0).result()  # surface a failed write early
+            for job in jobs:
+                job.result()
+    finally:
+        stream.close()  # whatever is left unread on the connection is not reused
+    intermediates = 0
+
+    def counted(_addr: bytes, _span: int, _payload: bytes) -> None:
+        nonlocal intermediates
+        intermediates += 1
+
+    if swarm.reference_from_leaves(computed, span, counted) == root:
+        return n_leaves + intermediates
+    _name_bad_leaf(bee, root, span, payload, workers, computed, url)
+    raise SwarmChunkError(  # unreachable unless keccak256 collides
+        f"swarm:{root.hex()} from {url} does not hash to its reference; try another --bee"
+    )
+
+
+def _name_bad_leaf(
+    bee: BeeClient,
+    root: bytes,
+    span: int,
+    payload: bytes,
+    workers: int,
+    computed: bytearray,
+    url: str,
+) -> None:
+    """The stream did not hash to the reference: find and name the chunk that is wrong.
+
+    Fetches the verified tree (every intermediate chunk checked against its address, so
+    a lying intermediate is named right there) and compares its leaf addresses with the
+    ones computed from the stream.
+    """
+    n_leaves = len(computed) // 32
+    leaves, _count = _leaf_addresses(bee, root, span, payload, workers)
     expected = bytearray()
     for i, (addr, off, sub) in enumerate(leaves):
         if off != i * swarm.CHUNK_SIZE or sub != min(swarm.CHUNK_SIZE, span - off):
@@ -341,13 +383,20 @@ def _fetch_stream(
             f"from {url} does not hash to its address: the node is lying or corrupt; "
             "try another --bee"
         )
-    return count + len(leaves)
 
 
-def http_client_errors():
-    import http.client
-
-    return http.client.HTTPException
+def _read_into(resp, view: memoryview, url: str, start: int) -> int:
+    """Fill `view` from the response (fewer bytes only at the end of the stream)."""
+    got = 0
+    while got < len(view):
+        try:
+            n = resp.readinto(view[got:])
+        except (OSError, http.client.HTTPException) as exc:
+            raise SwarmChunkError(f"{url}: stream broke at byte {start + got}: {exc}") from None
+        if not n:
+            break
+        got += n
+    return got
 
 
 # ---------------------------------------------------------------- publishing
