@@ -309,6 +309,7 @@ def prune(root: Path, variant: str) -> int:
         if so.name.split(".")[0] in packages.LIB_DYNLOAD_DROP:
             freed += so.stat().st_size
             so.unlink()
+    freed += prune_programs(root)
     freed += stub_icu_data(root)
     freed += sourceless_python(root)
     plugdir = root / "usr/lib/x86_64-linux-gnu/nbdkit"
@@ -318,6 +319,24 @@ def prune(root: Path, variant: str) -> int:
                 freed += so.stat().st_size
                 so.unlink()
     return freed + elfdeps.prune_unused_libraries(root)
+
+
+def prune_programs(root: Path) -> int:
+    """Remove the programs nothing here runs (packages.KEEP_PROGRAMS stay) and link
+    busybox's applets in their place for the rescue shell; returns bytes freed."""
+    freed = 0
+    for d in packages.PROGRAM_DIRS:
+        for p in sorted((root / d).iterdir()):
+            if p.name not in packages.KEEP_PROGRAMS and not p.is_dir():
+                freed += p.lstat().st_size
+                p.unlink()
+    listing = subprocess.run(
+        ["chroot", str(root), "busybox", "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in sorted(set(listing) - set(packages.BUSYBOX_SKIP)):
+        if not any((root / d / applet).exists() for d in packages.PROGRAM_DIRS):
+            (root / packages.PROGRAM_DIRS[0] / applet).symlink_to("busybox")
+    return freed
 
 
 ICU_STUB_C = """\

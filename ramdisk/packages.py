@@ -71,6 +71,14 @@ PRUNE_PATHS: tuple[str, ...] = (
     "usr/lib/python3.11/dbm",
     "usr/lib/python3.11/curses",
     "usr/lib/python3.11/turtle.py",  # iconv charsets: UTF-8 and ASCII are built in
+    "usr/lib/python3.11/test",  # regrtest and its support package
+    "usr/lib/python3.11/pydoc.pyc",  # help()
+    "usr/lib/python3.11/doctest.pyc",
+    "usr/lib/python3.11/xmlrpc",
+    "usr/lib/python3.11/wsgiref",
+    "usr/lib/python3.11/_pydecimal.pyc",  # decimal's fallback when _decimal is missing
+    "usr/lib/python3/dist-packages/psutil/tests",
+    "usr/libexec/coreutils",  # stdbuf's preload library (stdbuf goes with coreutils)
     "usr/lib/python3/dist-packages/Cryptodome/SelfTest",
     "usr/share/perl",
     "usr/lib/x86_64-linux-gnu/perl",
@@ -109,7 +117,25 @@ LIB_DYNLOAD_DROP: tuple[str, ...] = (
     "xxlimited", "xxlimited_35", "_xxtestfuzz", "_testcapi", "_testbuffer",
     "_testinternalcapi", "_testmultiphase", "_testimportmultiple", "_testclinic",
     "_ctypes_test", "_crypt", "ossaudiodev", "spwd", "_tkinter", "_lsprof",
+    # CJK legacy codecs (Shift-JIS, Big5, GB2312...): nothing here reads such text
+    "_codecs_jp", "_codecs_hk", "_codecs_cn", "_codecs_kr", "_codecs_tw", "_codecs_iso2022",
+    "_multibytecodec",
 )  # fmt: skip
+
+# Programs something here runs: /init (dash, busybox, kmod's modprobe, ip, python3),
+# bootlink (nbdkit, nbd-client, kexec from the optional kexec-tools, ldconfig: ctypes'
+# find_library asks it when pyroute2 enters a namespace), the rescue shell (busybox).
+# Every other program the Essential packages bring (coreutils, util-linux, bash, tar,
+# grep, findutils, diffutils...: 19 MB, and the libraries only they link) is removed,
+# and busybox applets stand in for them in the rescue shell. Less to unpack at each
+# boot: the kernel spends ~15 ms per MB of ramdisk under emulation.
+PROGRAM_DIRS: tuple[str, ...] = ("usr/bin", "usr/sbin")
+KEEP_PROGRAMS: tuple[str, ...] = (
+    "busybox", "dash", "sh", "python3", "python3.11", "kmod", "modprobe", "insmod",
+    "rmmod", "lsmod", "depmod", "modinfo", "ip", "nbd-client", "nbdkit", "kexec", "ldconfig",
+)  # fmt: skip
+# Applets not linked into PATH: this ramdisk's init is /init.
+BUSYBOX_SKIP: tuple[str, ...] = ("init", "linuxrc")
 
 # nbdkit plugins and filters the server keeps (server/nbd_export.py runs
 # `nbdkit --filter=ip file ...`); the others pull curl, ssh, torrent and boost.

@@ -259,6 +259,36 @@ def test_elf_needed_and_unused_libraries(tmp_path):
     assert unused == ([] if unused_src.name in need else [unused_src.name])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_prune_programs_keeps_what_runs_and_links_busybox_applets(tmp_path):
+    root = tmp_path / "root"
+    for d in packages.PROGRAM_DIRS:
+        (root / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "usr/bin/busybox")  # static: runs in the chroot
+    for name in ("ls", "bash", "python3.11"):
+        (root / "usr/bin" / name).write_bytes(b"\x7fELF program")
+    (root / "usr/bin/python3").symlink_to("python3.11")
+    (root / "usr/sbin/nbd-client").write_bytes(b"\x7fELF program")
+    (root / "usr/sbin/modprobe").symlink_to("/bin/kmod")
+    (root / "usr/sbin/fsck").write_bytes(b"\x7fELF program")
+    freed = build.prune_programs(root)
+    assert freed == 3 * len(b"\x7fELF program")
+    for kept in (
+        "usr/bin/python3.11",
+        "usr/bin/python3",
+        "usr/sbin/nbd-client",
+        "usr/sbin/modprobe",
+    ):
+        assert (root / kept).is_symlink() or (root / kept).read_bytes() == b"\x7fELF program"
+    assert not (root / "usr/bin/bash").exists() and not (root / "usr/sbin/fsck").exists()
+    # the rescue shell's commands now come from busybox, but never over a kept program
+    assert os.readlink(root / "usr/bin/ls") == "busybox"
+    assert os.readlink(root / "usr/bin/cat") == "busybox"
+    assert not (root / "usr/bin/modprobe").exists()  # usr/sbin/modprobe (kmod) stays the one
+    assert not (root / "usr/bin/init").exists()  # the ramdisk's init is /init
+
+
 # --- shell scripts ---------------------------------------------------------------------
 
 

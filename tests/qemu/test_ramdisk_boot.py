@@ -26,7 +26,7 @@ def ramdisk(tmp_path_factory) -> build.BuildResult:
     return build.build(build.BuildOptions(output=tmp_path_factory.mktemp("rd"), cache=CACHE))
 
 
-def _boot(rd: build.BuildResult, append: str, tmp_path: Path) -> qemu.VM:
+def _boot(rd: build.BuildResult, append: str, tmp_path: Path, stdin: bool = False) -> qemu.VM:
     ns = qemu.Namespace().create()
     try:
         nics = [qemu.Nic(ns.add_tap("bltap0"), qemu.mac_for(1))]
@@ -34,7 +34,7 @@ def _boot(rd: build.BuildResult, append: str, tmp_path: Path) -> qemu.VM:
         ns.close()
         raise
     vm = qemu.VM(rd.vmlinuz, rd.ramdisk, f"{e2e.GUEST_CMDLINE} {append}", nics, ns,
-                 log_path=tmp_path / "console.log")  # fmt: skip
+                 log_path=tmp_path / "console.log", stdin_pipe=stdin)  # fmt: skip
     return vm
 
 
@@ -55,7 +55,7 @@ def test_selftest_role_imports_everything_and_powers_off(ramdisk, tmp_path):
 
 def test_failing_role_drops_to_a_rescue_shell_not_a_panic(ramdisk, tmp_path):
     # No config layer: the client role cannot start and must say why.
-    vm = _boot(ramdisk, "bootlink.role=client", tmp_path)
+    vm = _boot(ramdisk, "bootlink.role=client", tmp_path, stdin=True)
     try:
         with vm:
             vm.wait_for(r"bootlink: config: no config: embed one", 120)
@@ -64,5 +64,9 @@ def test_failing_role_drops_to_a_rescue_shell_not_a_panic(ramdisk, tmp_path):
             assert vm.proc is not None and vm.proc.poll() is None, "QEMU exited: panic?"
             text = "\n".join(ln.text for ln in vm.console.lines)
             assert "Kernel panic" not in text
+            # The shell has commands (busybox applets stand in for the pruned programs).
+            vm.send("uname -r; ls /usr/sbin/modprobe && echo rescue-$((6 * 7))\n")
+            vm.wait_for(r"^\d+\.\d+\.\d+-\d+-amd64$", 30)
+            vm.wait_for(r"^rescue-42$", 30)
     finally:
         vm.ns.close()
