@@ -5,18 +5,33 @@ lockdown, checks the kernel's signature); it needs no kexec-tools. kexec_load(2)
 kexec-tools is the fallback for kernels or images the file syscall refuses. Before
 loading, the exact file descriptors handed to the kernel are hashed again and compared
 with the verified digests, so nothing is executed that was not verified.
+
+`prepare` first puts what else the image needs where the next kernel finds it:
+- an optional root squashfs (a signed manifest's `rootfs`) is appended to the initrd as
+  one more newc cpio archive, which the kernel unpacks into the initramfs next to the
+  image's own files: the image's initrd finds it at ROOTFS_PATH, named on the command
+  line as `bootlink.rootfs=` (the image's publisher makes its initrd mount it);
+- a distro ISO booted in pmem mode is copied to this kernel's /dev/pmemN, the RAM that
+  `memmap=SIZE!START` on *this* kernel's command line took out of System RAM (webboot's
+  way): no kexec segment is ever placed there, and the next kernel, given the same
+  memmap=, sees the very bytes as its /dev/pmem0. The ramdisk must therefore be booted
+  with a memmap= big enough for the ISO; there is no other way to hand a kernel RAM
+  contents it keeps (kexec segments all land in memory the new kernel reuses).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from .bootimage import BootImage
 from .errors import BootlinkError
@@ -115,7 +130,158 @@ def execute() -> None:
     raise BootlinkError(f"kexec into the new kernel failed: {os.strerror(err)}")
 
 
+ROOTFS_PATH = "/bootlink/rootfs.squashfs"  # where the next kernel's initramfs has it
+_NEWC_MAX = 0xFFFFFFFF  # newc's file size field is 8 hex digits
+
+
+def prepare(image: BootImage, workdir: Path | None = None) -> BootImage:
+    """The image as it must be loaded: rootfs appended, ISO staged in pmem (if any)."""
+    if image.extra.get("rootfs"):
+        image = attach_rootfs(image, workdir or Path(image.kernel).parent)
+    if image.extra.get("memmap"):
+        image = stage_iso_in_pmem(image)
+    return image
+
+
+def _copy_hashed(src: Path, dst, expected: str, what: str, out_hash=None) -> int:
+    """Copy src into the open binary file dst; check src's SHA-256 as it streams by."""
+    h = hashlib.sha256()
+    n = 0
+    with open(src, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            if out_hash is not None:
+                out_hash.update(block)
+            dst.write(block)
+            n += len(block)
+    if not expected or h.hexdigest() != expected:
+        raise BootlinkError(f"{what} {src} changed after it was verified: refusing to boot it")
+    return n
+
+
+def _newc_header(name: str, mode: int, size: int, ino: int) -> bytes:
+    fields = (ino, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, len(name) + 1, 0)
+    head = b"070701" + b"".join(b"%08X" % v for v in fields) + name.encode() + b"\0"
+    return head + b"\0" * (-len(head) % 4)
+
+
+def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
+    """A new initrd = the image's initrd + a cpio holding its root squashfs at ROOTFS_PATH.
+
+    Linux unpacks every cpio archive concatenated in the initrd (compressed or not, each
+    starting 4-byte aligned; zero padding between them is skipped), so the image's own
+    initrd is untouched and finds the squashfs in its initramfs. Both inputs are hashed
+    again as they are copied; the result's digest is what load() checks.
+    """
+    rootfs = Path(image.extra["rootfs"])
+    size = rootfs.stat().st_size
+    if size > _NEWC_MAX:
+        raise BootlinkError(
+            f"root squashfs {rootfs} is {size} bytes, over the 4 GiB an initrd cpio entry "
+            "can hold: publish a smaller rootfs"
+        )
+    out = Path(workdir) / "initrd+rootfs.img"
+    digest = hashlib.sha256()
+
+    def put(f, data: bytes) -> None:
+        digest.update(data)
+        f.write(data)
+
+    with open(out, "wb") as f:
+        n = 0
+        if image.initrd is not None:
+            n = _copy_hashed(Path(image.initrd), f, image.initrd_sha256, "initrd", digest)
+        put(f, b"\0" * (-n % 4))
+        put(f, _newc_header("bootlink", 0o040755, 0, 1))
+        put(f, _newc_header(ROOTFS_PATH.lstrip("/"), 0o100444, size, 2))
+        _copy_hashed(rootfs, f, image.extra.get("rootfs_sha256", ""), "root squashfs", digest)
+        put(f, b"\0" * (-size % 4))
+        put(f, _newc_header("TRAILER!!!", 0, 0, 0))
+        put(f, b"\0" * (-f.tell() % 512))
+    extra = {**image.extra, "rootfs_path": ROOTFS_PATH}
+    del extra["rootfs"]  # attached: prepare() must not attach it twice
+    return dataclasses.replace(
+        image,
+        initrd=out,
+        initrd_sha256=digest.hexdigest(),
+        cmdline=f"{image.cmdline} bootlink.rootfs={ROOTFS_PATH}".strip(),
+        extra=extra,
+    )
+
+
+@dataclass(frozen=True)
+class PmemDevice:
+    device: Path  # /dev/pmemN
+    start: int  # physical address
+    size: int  # bytes
+
+    @property
+    def memmap(self) -> str:
+        return f"memmap={_mem_size(self.size)}!{_mem_size(self.start)}"
+
+
+def _mem_size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def legacy_pmem_devices(sys_root: Path = Path("/sys"), dev_root: Path = Path("/dev")) -> list:
+    """This kernel's pmem block devices with the physical range behind each."""
+    found = []
+    for blk in sorted((sys_root / "block").glob("pmem*")):
+        try:
+            start = int((blk / "device" / "resource").read_text().strip(), 0)
+            size = int((blk / "size").read_text().strip()) * 512
+        except (OSError, ValueError):
+            continue  # not a namespace with a physical range (e.g. BTT): not usable
+        found.append(PmemDevice(dev_root / blk.name, start, size))
+    return found
+
+
+def stage_iso_in_pmem(
+    image: BootImage, sys_root: Path = Path("/sys"), dev_root: Path = Path("/dev")
+) -> BootImage:
+    """Copy the image's ISO into this kernel's pmem; point the next kernel at the same RAM."""
+    iso = Path(image.extra["iso"])
+    size = iso.stat().st_size
+    devices = [d for d in legacy_pmem_devices(sys_root, dev_root) if d.size >= size]
+    if not devices:
+        raise BootlinkError(
+            f"{iso.name} must be in RAM at boot (pmem mode), but this kernel has no "
+            f"/dev/pmem device of {size >> 20} MiB or more: boot the bootlink ramdisk "
+            f"with memmap={_mem_size(-(-size // (1 << 30)) << 30)}!4G (and nd_e820, "
+            "nd_pmem), or keep the ISO on a disk partition"
+        )
+    pmem = devices[0]
+    with open(pmem.device, "r+b", buffering=0) as f:
+        _copy_hashed(iso, f, image.extra.get("iso_sha256", ""), "ISO")
+        os.fsync(f.fileno())
+        f.seek(0)
+        back = hashlib.sha256()
+        left = size
+        while left and (block := f.read(min(1 << 20, left))):
+            back.update(block)
+            left -= len(block)
+    if back.hexdigest() != image.extra.get("iso_sha256"):
+        raise BootlinkError(
+            f"{pmem.device} did not keep the ISO (read back differs): the memmap= range "
+            "is not real RAM on this machine; pick another START"
+        )
+    cmdline = re.sub(r"(?<!\S)memmap=\S+", pmem.memmap, image.cmdline, count=1)
+    if pmem.memmap not in cmdline.split():
+        cmdline = f"{pmem.memmap} {cmdline}"
+    # "memmap" goes: staged, so prepare() must not copy it again
+    extra = {k: v for k, v in image.extra.items() if k != "memmap"}
+    extra |= {"pmem_device": str(pmem.device), "pmem_memmap": pmem.memmap}
+    extra["pmem_offset"] = str(pmem.start)
+    log.info("ISO %s copied to %s (%s)", iso.name, pmem.device, pmem.memmap)
+    return dataclasses.replace(image, cmdline=cmdline, extra=extra)
+
+
 def load_and_execute(image: BootImage) -> None:
+    image = prepare(image)
     result = load(image)
     log.info("loaded %s with %s; executing", image.describe(), result.method)
     execute()

@@ -296,6 +296,8 @@ def image_from_iso(
     if location is None:
         extra["memmap"] = cmdline.split()[0]
         extra["pmem_offset"] = str(pmem_offset)
+        # kexec.prepare copies the ISO into pmem and checks it against this digest
+        extra["iso_sha256"] = sha256_file(iso_path)
     else:
         extra["iso_uuid"] = location.uuid
     return BootImage(

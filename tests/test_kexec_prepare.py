@@ -1,0 +1,139 @@
+"""kexec.prepare: a root squashfs appended to the initrd, an ISO staged in pmem.
+
+The kernel side (that Linux unpacks the appended cpio, that the next kernel sees the
+staged ISO on /dev/pmem0) is proven in tests/qemu/test_kexec_extras_boot.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootlink.common import kexec
+from bootlink.common.bootimage import BootImage, Provenance
+from bootlink.common.errors import BootlinkError
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _image(tmp_path: Path, initrd: bytes | None, **extra: str) -> BootImage:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel")
+    ipath = None
+    if initrd is not None:
+        ipath = tmp_path / "initrd.img"
+        ipath.write_bytes(initrd)
+    return BootImage(
+        label="t",
+        kernel=kernel,
+        initrd=ipath,
+        cmdline="quiet",
+        provenance=Provenance("swarm", "ref", "test"),
+        kernel_sha256=_sha(b"kernel"),
+        initrd_sha256=_sha(initrd) if initrd is not None else "",
+        extra=dict(extra),
+    )
+
+
+@pytest.mark.parametrize("initrd", [b"\x1f\x8b" + os.urandom(1001), None])
+def test_rootfs_appended_as_cpio_after_the_initrd(tmp_path, initrd):
+    rootfs = os.urandom(70001)
+    (tmp_path / "root.squashfs").write_bytes(rootfs)
+    img = _image(
+        tmp_path, initrd, rootfs=str(tmp_path / "root.squashfs"), rootfs_sha256=_sha(rootfs)
+    )
+    out = kexec.prepare(img, tmp_path)
+    data = out.initrd.read_bytes()
+    assert out.initrd_sha256 == _sha(data)
+    assert out.cmdline == f"quiet bootlink.rootfs={kexec.ROOTFS_PATH}"
+    assert "rootfs" not in out.extra and kexec.prepare(out, tmp_path) == out  # attached once
+    start = len(initrd or b"")
+    assert data[:start] == (initrd or b"")
+    cpio_at = data.index(b"070701", start)
+    assert cpio_at % 4 == 0 and not data[start:cpio_at].strip(b"\0")  # kernel's alignment
+    # GNU cpio reads the appended archive exactly as the kernel will.
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=data[cpio_at:], cwd=dest, check=True)
+    assert (dest / kexec.ROOTFS_PATH.lstrip("/")).read_bytes() == rootfs
+
+
+def test_rootfs_changed_after_verification_refused(tmp_path):
+    (tmp_path / "root.squashfs").write_bytes(b"evil")
+    img = _image(
+        tmp_path, b"i", rootfs=str(tmp_path / "root.squashfs"), rootfs_sha256=_sha(b"good")
+    )
+    with pytest.raises(BootlinkError, match=r"root squashfs .* changed after it was verified"):
+        kexec.prepare(img, tmp_path)
+
+
+def test_initrd_changed_before_rootfs_attached_refused(tmp_path):
+    (tmp_path / "root.squashfs").write_bytes(b"r")
+    img = _image(
+        tmp_path, b"initrd", rootfs=str(tmp_path / "root.squashfs"), rootfs_sha256=_sha(b"r")
+    )
+    img.initrd.write_bytes(b"swapped")
+    with pytest.raises(BootlinkError, match=r"initrd .* changed after it was verified"):
+        kexec.prepare(img, tmp_path)
+
+
+def _fake_pmem(tmp_path: Path, start: int, size: int) -> tuple[Path, Path]:
+    """A sysfs with /sys/block/pmem0 (range start/size) and a file standing in for the device."""
+    sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
+    blk = sys_root / "block" / "pmem0"
+    (blk / "device").mkdir(parents=True)
+    (blk / "device" / "resource").write_text(f"{start:#x}\n")
+    (blk / "size").write_text(f"{size // 512}\n")
+    dev_root.mkdir()
+    (dev_root / "pmem0").write_bytes(b"\xee" * size)
+    return sys_root, dev_root
+
+
+def _iso_image(tmp_path: Path, iso: bytes, digest: str | None = None) -> BootImage:
+    (tmp_path / "d.iso").write_bytes(iso)
+    return dataclasses.replace(
+        _image(tmp_path, b"i"),
+        cmdline="memmap=1M!4096M boot=live components",
+        extra={
+            "iso": str(tmp_path / "d.iso"),
+            "iso_sha256": digest or _sha(iso),
+            "memmap": "memmap=1M!4096M",
+        },
+    )
+
+
+def test_iso_copied_to_pmem_and_next_kernel_given_the_same_range(tmp_path):
+    sys_root, dev_root = _fake_pmem(tmp_path, 0x1_0000_0000 + (8 << 20), 8 << 20)
+    iso = os.urandom(3 << 20)
+    out = kexec.stage_iso_in_pmem(_iso_image(tmp_path, iso), sys_root, dev_root)
+    assert (dev_root / "pmem0").read_bytes()[: len(iso)] == iso
+    assert out.cmdline == "memmap=8M!4104M boot=live components"
+    assert out.extra["pmem_device"] == str(dev_root / "pmem0")
+    assert "memmap" not in out.extra  # staged once
+
+
+def test_iso_needs_a_pmem_device_big_enough(tmp_path):
+    sys_root, dev_root = _fake_pmem(tmp_path, 1 << 32, 1 << 20)
+    with pytest.raises(BootlinkError, match=r"no /dev/pmem device of 3 MiB .* memmap=1G!4G"):
+        kexec.stage_iso_in_pmem(_iso_image(tmp_path, bytes(3 << 20)), sys_root, dev_root)
+    with pytest.raises(BootlinkError, match="no /dev/pmem device"):
+        kexec.stage_iso_in_pmem(_iso_image(tmp_path, b"x"), tmp_path / "nosys", dev_root)
+
+
+def test_iso_changed_after_verification_refused(tmp_path):
+    sys_root, dev_root = _fake_pmem(tmp_path, 1 << 32, 1 << 20)
+    img = _iso_image(tmp_path, b"tampered", digest=_sha(b"original"))
+    with pytest.raises(BootlinkError, match=r"ISO .* changed after it was verified"):
+        kexec.stage_iso_in_pmem(img, sys_root, dev_root)
+
+
+def test_prepare_leaves_plain_images_alone(tmp_path):
+    img = _image(tmp_path, b"i")
+    assert kexec.prepare(img, tmp_path) is img
