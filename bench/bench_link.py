@@ -213,8 +213,11 @@ def main() -> int:
                     ours_uri = f"nbd://[{ll}%25eth0]:10809/bootlink"
                     bare_uri = f"nbd://[{ll}%25eth0]:10810/bootlink"
                     ours, theirs = [], []
-                    for _ in range(args.runs):
-                        for uri, acc in ((ours_uri, ours), (bare_uri, theirs)):
+                    for i in range(args.runs):
+                        # alternate which goes first (ABBA): the first read of a pair
+                        # meets a colder CPU cache and scheduler than the second
+                        pair = [(ours_uri, ours), (bare_uri, theirs)]
+                        for uri, acc in pair if i % 2 == 0 else pair[::-1]:
                             o = desk.run([sys.executable, "-c", NBD_READ, uri])
                             assert o.returncode == 0, o.stderr
                             acc.append(float(o.stdout))
