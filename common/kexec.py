@@ -79,6 +79,16 @@ def load(image: BootImage) -> LoadResult:
         if err == 0:
             return LoadResult("kexec_file_load")
         log.info("kexec_file_load failed (%s); trying kexec-tools", os.strerror(err))
+        if int(image.extra.get("pmem_offset", 1 << 32)) < 1 << 32 and image.extra.get(
+            "pmem_device"
+        ):
+            # kexec-tools places segments by the firmware memory map, where the memmap=
+            # range is still RAM; it puts bzImage and initrd below 4 GiB only.
+            raise BootlinkError(
+                f"this kernel refused kexec_file_load ({os.strerror(err)}) and kexec-tools "
+                "could overwrite the ISO in pmem below 4 GiB: boot the ramdisk with a "
+                "memmap= START of 4G or more"
+            )
         _kexec_tools_load(kfd, ifd, image.cmdline)
         return LoadResult("kexec-tools")
     finally:
