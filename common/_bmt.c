@@ -123,28 +123,36 @@ typedef uint64_t v2u64 __attribute__((vector_size(16)));
 #define VROL(x, n) (((x) << (n)) | ((x) >> (64 - (n))))
 #define SPLAT(V, x) ((V){0} + (x))
 
+/* Two-vector shuffle with constant indices: clang and GCC >= 12 spell it
+ * __builtin_shufflevector, older GCC __builtin_shuffle with a mask vector. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#endif
+#endif
+#ifndef SHUF8
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (v8u64){__VA_ARGS__})
+#endif
+
 /* Eight 64-byte rows (row j at p[j] + off) -> eight vectors, vector k = 64-bit word k of
  * every row: an 8x8 transpose in three shuffle stages (vpermt2q with AVX-512). */
 static inline __attribute__((always_inline)) void load_v8u64(const uint8_t *const p[8], size_t off,
                                                           v8u64 out[8]) {
     v8u64 r[8], t[8], u[8];
     for (int j = 0; j < 8; j++) memcpy(&r[j], p[j] + off, 64);
-    const v8u64 lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
-    const v8u64 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const v8u64 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
     for (int j = 0; j < 8; j += 2) {
-        t[j] = __builtin_shuffle(r[j], r[j + 1], lo1);     /* words 0,2,4,6 of rows j,j+1 */
-        t[j + 1] = __builtin_shuffle(r[j], r[j + 1], hi1); /* words 1,3,5,7 */
+        t[j] = SHUF8(r[j], r[j + 1], 0, 8, 2, 10, 4, 12, 6, 14);     /* words 0,2,4,6 */
+        t[j + 1] = SHUF8(r[j], r[j + 1], 1, 9, 3, 11, 5, 13, 7, 15); /* words 1,3,5,7 */
     }
     for (int h = 0; h < 8; h += 4) {
-        u[h] = __builtin_shuffle(t[h], t[h + 2], lo2);         /* words 0,4 of 4 rows */
-        u[h + 1] = __builtin_shuffle(t[h + 1], t[h + 3], lo2); /* words 1,5 */
-        u[h + 2] = __builtin_shuffle(t[h], t[h + 2], hi2);     /* words 2,6 */
-        u[h + 3] = __builtin_shuffle(t[h + 1], t[h + 3], hi2); /* words 3,7 */
+        u[h] = SHUF8(t[h], t[h + 2], 0, 1, 8, 9, 4, 5, 12, 13);         /* words 0,4 */
+        u[h + 1] = SHUF8(t[h + 1], t[h + 3], 0, 1, 8, 9, 4, 5, 12, 13); /* words 1,5 */
+        u[h + 2] = SHUF8(t[h], t[h + 2], 2, 3, 10, 11, 6, 7, 14, 15);   /* words 2,6 */
+        u[h + 3] = SHUF8(t[h + 1], t[h + 3], 2, 3, 10, 11, 6, 7, 14, 15); /* words 3,7 */
     }
     for (int k = 0; k < 4; k++) {
-        out[k] = __builtin_shuffle(u[k], u[k + 4], lo4);
-        out[k + 4] = __builtin_shuffle(u[k], u[k + 4], hi4);
+        out[k] = SHUF8(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[k + 4] = SHUF8(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
 }
 
