@@ -171,23 +171,25 @@ def leaf_addresses(data: bytes) -> bytes:
     )
 
 
-def leaf_addresses_into(data: bytearray, length: int, out: bytearray, out_offset: int) -> None:
-    """Like leaf_addresses for data[:length], written into out[out_offset:], no copies.
+def leaf_addresses_into(data, start: int, length: int, out: bytearray, out_offset: int) -> None:
+    """leaf_addresses of data[start:start+length], written into out[out_offset:], no copies.
 
-    For the streaming verifier: the C helper hashes straight from the receive buffer
-    into the result array (without the GIL), so worker threads do the whole job.
+    `data` is any writable buffer (bytearray, mmap). For the streaming verifier: the C
+    helper hashes straight from where the bytes were received into the result array,
+    without the GIL, so worker threads do the whole job.
     """
     n = -(-length // CHUNK_SIZE)
-    if len(data) < length or len(out) < out_offset + 32 * n:
+    if len(data) < start + length or len(out) < out_offset + 32 * n:
         raise ValueError("leaf_addresses_into: buffer too small")
     if _LIB is None:
-        out[out_offset : out_offset + 32 * n] = leaf_addresses(bytes(data[:length]))
+        out[out_offset : out_offset + 32 * n] = leaf_addresses(bytes(data[start : start + length]))
         return
     if n == 0:
         return
-    src = (ctypes.c_char * length).from_buffer(data)
+    src = (ctypes.c_char * length).from_buffer(data, start)
     dst = (ctypes.c_char * (32 * n)).from_buffer(out, out_offset)
     _LIB.bmt_leaf_addresses(src, length, dst)
+    del src, dst  # release the buffer exports now (an mmap cannot close while exported)
 
 
 def parse_reference(text: str) -> bytes:
