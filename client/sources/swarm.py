@@ -289,7 +289,7 @@ def _fetch_stream(
 
     def digest(buf: bytearray, start: int, length: int) -> None:
         try:
-            swarm.leaf_addresses_into(buf, length, computed, 32 * (start // swarm.CHUNK_SIZE))
+            swarm.leaf_addresses_into(buf, 0, length, computed, 32 * (start // swarm.CHUNK_SIZE))
             view = memoryview(buf)[:length]
             while view:  # a regular file takes it all at once, barring errors
                 n = os.pwrite(fd, view, start)
