@@ -39,6 +39,10 @@ def plan_of(image: BootImage) -> dict[str, Any]:
         "verified_by": image.provenance.verified_by,
         "kernel": str(image.kernel),
         "initrd": str(image.initrd) if image.initrd else "",
+        # kexec.prepare acts on these before loading: the root squashfs is appended to
+        # the initrd, a pmem-mode ISO copied into this kernel's /dev/pmemN
+        "rootfs": image.extra.get("rootfs", ""),
+        "pmem_iso": image.extra.get("iso", "") if image.extra.get("memmap") else "",
     }
 
 
