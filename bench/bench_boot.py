@@ -11,7 +11,7 @@ in them), and booted N times each as the client of the end-to-end scenario (a la
 `bootlink server` in a namespace, QEMU -accel tcg, three NICs), to the target's marker.
 Milestones are seconds after QEMU started; medians of N boots. Needs root.
 
-    python bench/bench_boot.py [--boots 3] [--zstd-level 19] [--json out.json]
+    python bench/bench_boot.py [--boots 3] [--zstd-level 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def medians(results: list[e2e.Result]) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--boots", type=int, default=3)
-    ap.add_argument("--zstd-level", type=int, default=19)
+    ap.add_argument("--zstd-level", type=int, default=build.DEFAULT_ZSTD_LEVEL)
     ap.add_argument("--memory", type=int, default=1536, help="guest MiB (same for both)")
     ap.add_argument("--variants", default="slim,full")
     ap.add_argument("--json", type=Path)

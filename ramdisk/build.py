@@ -42,6 +42,10 @@ from . import kernel as kmod
 
 RECIPE_VERSION = 1  # bump when the recipe changes in a way the cache key cannot see
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z, when SOURCE_DATE_EPOCH is not set
+# zstd level of the ramdisk. The kernel decompresses it at every boot, and -19's output
+# costs ~1.7x the decompression work of -9's (more, shorter matches): -9 makes /init
+# start ~0.25 s sooner under emulation for 2.7 MB more (27.3 instead of 24.6 MB).
+DEFAULT_ZSTD_LEVEL = 9
 FILES_DIR = Path(__file__).resolve().parent / "files"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +57,7 @@ class BuildOptions:
     config: Config | None = None  # embedded as /etc/bootlink/config.yaml (+ its key)
     pins: dict[str, str] = field(default_factory=dict)
     epoch: int = DEFAULT_EPOCH
-    zstd_level: int = 19
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
     with_kexec_tools: bool = False
     kernel_package: str | None = None  # "linux-image-6.1.0-56-amd64[=version]"
     variant: str = "slim"  # "slim" (the product) or "full" (stiefelsystem-style, for bench)

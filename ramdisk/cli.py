@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--output", type=Path, required=True, help="output directory")
     b.add_argument("--pins", type=Path, help="package versions: a manifest.json or pins.txt")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="download/build cache")
-    b.add_argument("--zstd-level", type=int, default=19, help="zstd level (default 19)")
+    b.add_argument(
+        "--zstd-level", type=int, default=None, help="zstd level (default: fast to unpack)"
+    )
     b.add_argument("--with-kexec-tools", action="store_true", help="add kexec-tools (fallback)")
     b.add_argument("--kernel", help="kernel package[=version] (default: linux-image-amd64's)")
     b.add_argument("--no-cache", action="store_true", help="rebuild the root and layers")
@@ -80,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _build(args: argparse.Namespace) -> int:
     from bootlink.common.config import load_config
 
-    from .build import BuildOptions, build, source_date_epoch
+    from .build import DEFAULT_ZSTD_LEVEL, BuildOptions, build, source_date_epoch
     from .packages import load_pins
 
     opts = BuildOptions(
@@ -89,7 +91,7 @@ def _build(args: argparse.Namespace) -> int:
         config=load_config(args.config) if args.config else None,
         pins=load_pins(args.pins) if args.pins else {},
         epoch=source_date_epoch(),
-        zstd_level=args.zstd_level,
+        zstd_level=args.zstd_level or DEFAULT_ZSTD_LEVEL,
         with_kexec_tools=args.with_kexec_tools,
         kernel_package=args.kernel,
         variant=args.variant,

@@ -56,7 +56,7 @@ class Artifacts:
     manifest: dict
 
 
-def prepare(cache: Path, out: Path, zstd_level: int = 19) -> Artifacts:
+def prepare(cache: Path, out: Path, zstd_level: int = rbuild.DEFAULT_ZSTD_LEVEL) -> Artifacts:
     """Build (or reuse) the ramdisk, the target disk and the target initrd."""
     cache, out = Path(cache), Path(out)
     res = rbuild.build(rbuild.BuildOptions(output=out, cache=cache, zstd_level=zstd_level))

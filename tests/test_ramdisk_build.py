@@ -41,7 +41,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     for c in (first_cache, second_cache):
         c.mkdir()
         (c / "kernel").symlink_to(CACHE / "kernel")
-    level = 19
+    level = build.DEFAULT_ZSTD_LEVEL  # the product's
     a = build.build(
         build.BuildOptions(
             output=tmp_path / "a", cache=first_cache, zstd_level=level, source_root=src
