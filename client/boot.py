@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bootlink.common import kexec
 from bootlink.common.bootimage import BootImage
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
@@ -103,5 +102,7 @@ def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
     if dry_run:
         log.info("dry run: not executing kexec")
         return 0
+    from bootlink.common import kexec  # here: its imports would delay the probe at boot
+
     kexec.load_and_execute(image)
     return 1  # not reached: load_and_execute raises if the kexec does not happen

@@ -19,7 +19,6 @@ from bootlink.common.keys import Purpose, SharedKey, load_key_file
 from bootlink.common.nbd_check import NbdTarget, check_export
 
 from .probe import Found, Probe, ProbeParams, reclaim_stale_probes
-from .transfer import fetch_boot_payload
 
 log = logging.getLogger("bootlink.client.link")
 
@@ -43,6 +42,10 @@ def boot_from_link(cfg: Config, progress: bool = True) -> LinkBoot:
                 found = probe.run()
                 ifname = _reconfigure_winner(found, cfg, deadline)
                 host = net.scoped(found.server_addr, ifname)
+                # Imported once a server answered, not before the probe: http.client and
+                # the stream reader cost ~0.1 s of a boot under emulation.
+                from .transfer import fetch_boot_payload
+
                 received = fetch_boot_payload(
                     host,
                     found.offer.http_port,
