@@ -6,7 +6,8 @@ uploads one random file to each through the real upload APIs, then downloads it:
 - swarm stream: intermediate chunks via /chunks + data via /bytes, every chunk hashed;
 - swarm chunks: every chunk via /chunks/{addr}, 32 in flight;
 - ipfs car: one CAR stream, every block checked; ipfs raw: one request per block.
-Prints medians of --runs runs and the ratio to plain (target >= 0.5). Files are written
+Prints medians of --runs runs and the ratio to the plain runs interleaved with them
+(target >= 0.5). Files are written
 to a tmpfs (--dir, default /dev/shm), as the ramdisk downloads into tmpfs /run/bootlink,
 and every download, plain too, ends with the fsync the verified fetch does before its
 rename (on a disk that fsync alone costs ~25 ms per 64 MiB here).
@@ -58,13 +59,17 @@ def plain(url: str, path: str, out: Path) -> None:
     http.close()
 
 
-def timed(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def paired(base_fn, fn, runs: int, check) -> tuple[float, float]:
+    """Median seconds of base_fn and fn, run interleaved (ABBA...) so that both see the
+    same machine: on 2 shared cores the load changes between runs."""
+    base_t, fn_t = [], []
+    for i in range(runs):
+        for which in (base_fn, fn) if i % 2 == 0 else (fn, base_fn):
+            t = time.perf_counter()
+            which()
+            (base_t if which is base_fn else fn_t).append(time.perf_counter() - t)
+            check()  # the bytes are right (untimed)
+    return statistics.median(base_t), statistics.median(fn_t)
 
 
 def main() -> int:
@@ -104,26 +109,29 @@ def main() -> int:
                 assert out.read_bytes() == data
 
             rows = []
-            base = timed(lambda: plain(bee, f"/bytes/{ref.hex()}", out), args.runs)
-            check()
-            rows.append(("swarm plain GET /bytes", base, base))
+            swarm_plain = lambda: plain(bee, f"/bytes/{ref.hex()}", out)  # noqa: E731
             for mode in ("stream", "chunks") if args.only != "ipfs" else ():
                 runs = args.runs if mode == "stream" else 1
-                t = timed(
-                    lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False), runs
+                base, t = paired(
+                    swarm_plain,
+                    lambda m=mode: swarm_src.fetch(ref, bee, out, mode=m, progress=False),
+                    runs,
+                    check,
                 )
-                check()
+                if mode == "stream":
+                    rows.append(("swarm plain GET /bytes", base, base))
                 rows.append((f"swarm verified ({mode})", t, base))
             for lay, cid in cids.items():
-                base_i = timed(lambda c=cid: plain(gw, f"/ipfs/{c}", out), args.runs)
-                check()
-                rows.append((f"ipfs plain GET /ipfs ({lay})", base_i, base_i))
+                ipfs_plain = lambda c=cid: plain(gw, f"/ipfs/{c}", out)  # noqa: E731
                 for mode in ("car", "raw"):
-                    t = timed(
+                    base_i, t = paired(
+                        ipfs_plain,
                         lambda c=cid, m=mode: ipfs_src.fetch(c, gw, out, mode=m, progress=False),
                         args.runs,
+                        check,
                     )
-                    check()
+                    if mode == "car":
+                        rows.append((f"ipfs plain GET /ipfs ({lay})", base_i, base_i))
                     rows.append((f"ipfs verified {mode} ({lay})", t, base_i))
         finally:
             for p in procs:
