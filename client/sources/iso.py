@@ -9,9 +9,11 @@ that distro's initrd finds its ISO again after kexec:
   Debian `findiso=`, Ubuntu and Fedora `iso-scan/filename=`, Arch `img_dev=`+`img_loop=`;
 - *pmem* mode: the ISO only exists in RAM (downloaded into the ramdisk's tmpfs): the
   kernel gets `memmap=SIZE!OFFSET`, which turns that RAM range into /dev/pmem0, and the
-  distro is pointed at /dev/pmem0. The ISO must be copied into that range before kexec
-  (BootImage.extra["iso"], ["memmap"]); the range must be RAM both kernels leave alone,
-  and both kernels need pmem support (CONFIG_X86_PMEM_LEGACY + nd_pmem), as webboot notes.
+  distro is pointed at /dev/pmem0. kexec.prepare copies the ISO (BootImage.extra["iso"],
+  checked against ["iso_sha256"]) into the running kernel's own legacy pmem device and
+  rewrites memmap= to that device's range, as webboot did: so the ramdisk itself must be
+  booted with memmap=SIZE!START, and both kernels need pmem support
+  (CONFIG_X86_PMEM_LEGACY + nd_pmem).
 """
 
 from __future__ import annotations
