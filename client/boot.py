@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bootlink.common.bootimage import BootImage
+from bootlink.common.bootimage import BootImage, check_digests
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
 
@@ -94,6 +94,8 @@ def _interrupt(signum, _frame):
 def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     image = choose_image(cfg, progress=not as_json)
+    if dry_run:
+        check_digests(image)  # what kexec would check on the files it loads
     plan = plan_of(image)
     if as_json:
         print(json.dumps(plan, indent=2, sort_keys=True))

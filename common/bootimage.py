@@ -40,3 +40,26 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_digests(image: BootImage) -> None:
+    """Hash the image's files and compare them with its verified digests.
+
+    kexec does this on the very descriptors it loads; a dry run, which loads nothing,
+    does it here so that the plan it prints never names digests no file has.
+    """
+    from .errors import BootlinkError
+
+    for what, path, expected in (
+        ("kernel", image.kernel, image.kernel_sha256),
+        ("initrd", image.initrd, image.initrd_sha256),
+    ):
+        if path is None:
+            continue
+        if not expected:
+            raise BootlinkError(f"{what} {path} has no verified digest: refusing to plan it")
+        if sha256_file(path) != expected:
+            raise BootlinkError(
+                f"{what} {path} does not match its verified SHA-256: it changed after the "
+                "download; run the client again"
+            )
