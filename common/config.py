@@ -9,6 +9,7 @@ field; errors name the file, the dotted key and what to write instead.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class ClientConfig:
     trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (files or hex)
     allow_unsigned: list[str] = field(default_factory=list)  # source specs allowed unsigned
     menu_timeout: float = 5.0  # seconds before the boot menu takes its default
+    # "SIZE!START" (e.g. "2G!4G"): the stick's kernel gets memmap=SIZE!START, so that RAM
+    # becomes /dev/pmem0 where a distro ISO is staged for the next kernel. "" = off.
+    iso_memory: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,21 @@ def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), repr(value))
 
 
+_MEM_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+ISO_MEMORY_MIN_START = 4 << 30  # kexec-tools places segments below 4 GiB by the firmware map
+ISO_MEMORY_ALIGN = 128 << 20  # a memory section: nd_pmem maps the range as device pages
+
+
+def iso_memory_range(text: str) -> tuple[int, int] | None:
+    """client.iso_memory "SIZE!START" as (size, start) in bytes; None if off or malformed."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)!(\d+)([KMGT]?)", text.strip().upper())
+    if not m:
+        return None
+    size = int(m.group(1)) << _MEM_UNITS[m.group(2)]
+    start = int(m.group(3)) << _MEM_UNITS[m.group(4)]
+    return size, start
+
+
 def _validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     for name in ("discovery_port", "http_port", "nbd_port"):
@@ -203,6 +222,20 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.client.timeout <= 0:
         raise ConfigError(f"{cfg.source}: 'client.timeout' must be > 0 seconds")
+    if cfg.client.iso_memory:
+        rng = iso_memory_range(cfg.client.iso_memory)
+        if (
+            rng is None
+            or rng[0] <= 0
+            or rng[1] < ISO_MEMORY_MIN_START
+            or rng[0] % ISO_MEMORY_ALIGN
+            or rng[1] % ISO_MEMORY_ALIGN
+        ):
+            raise ConfigError(
+                f"{cfg.source}: 'client.iso_memory' must be SIZE!START with START 4G or more, "
+                f'both multiples of 128M (e.g. "2G!4G"), or "" for off; '
+                f"got {cfg.client.iso_memory!r}"
+            )
     if not cfg.server.export_name or "/" in cfg.server.export_name:
         raise ConfigError(
             f"{cfg.source}: 'server.export_name' must be a non-empty name without '/'"

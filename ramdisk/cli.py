@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--timeout", type=float, default=240.0)
     t.add_argument("--cpus", type=int, default=1)
     t.add_argument("--json", action="store_true", help="print the result as JSON")
+    t.add_argument(
+        "--iso-memory", metavar="SIZE!START",
+        help="client guest: boot with memmap=SIZE!START, as client.iso_memory does on the "
+        "stick (default: --config's client.iso_memory)",
+    )  # fmt: skip
     t.set_defaults(func=_test_qemu)
 
     d = sub.add_parser("demo", help="build everything and boot a laptop disk over NBD in QEMU")
@@ -155,11 +160,19 @@ def _test_qemu(args: argparse.Namespace) -> int:
     work = e2e.workdir_for(args.workdir)
     run = e2e.run_client_scenario if args.role == "client" else e2e.run_server_scenario
     key_from = None
+    iso_memory = args.iso_memory or ""
     if args.config:
         from bootlink.common.config import load_config
 
-        key_from = load_config(args.config).key_path
-    res = run(art, work / args.role, timeout=args.timeout, cpus=args.cpus, key_from=key_from)
+        cfg = load_config(args.config)
+        key_from = cfg.key_path
+        iso_memory = iso_memory or cfg.client.iso_memory
+    if args.iso_memory and args.role != "client":
+        raise BootlinkError("--iso-memory is for the client guest: run 'test-qemu client'")
+    extra = {"iso_memory": iso_memory} if args.role == "client" else {}
+    res = run(
+        art, work / args.role, timeout=args.timeout, cpus=args.cpus, key_from=key_from, **extra
+    )
     _report(res, args.json)
     return 0 if res.ok else 1
 

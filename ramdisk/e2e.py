@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from bootlink.common.config import Config, config_from_dict, to_dict
+from bootlink.common.config import Config, config_from_dict, iso_memory_range, to_dict
 from bootlink.common.errors import BootlinkError
 from bootlink.common.keys import generate_key_file, load_key_file, write_private_file
 
@@ -143,6 +143,30 @@ def _scenario_setup(art: Artifacts, workdir: Path, key_from: Path | None):
     return key, disk, _nics()
 
 
+# QEMU's pc machine keeps guest RAM below 4 GiB up to 3.5 GiB; from there on it puts 3 GiB
+# below 4 GiB and the rest at 4 GiB and up.
+_PC_SPLIT_FROM, _PC_LOW = 3584 << 20, 3 << 30
+
+
+def memmap_for(iso_memory: str, memory_mib: int) -> tuple[str, int]:
+    """client.iso_memory as the guest's memmap= argument, and QEMU RAM (MiB) holding it.
+
+    The range must be real RAM (pmem over a hole reads back nothing), and the ramdisk
+    keeps `memory_mib` beside it. QEMU only touches the guest RAM the guest uses."""
+    if not iso_memory:
+        return "", memory_mib
+    rng = iso_memory_range(iso_memory)
+    if rng is None:
+        raise BootlinkError(f"iso memory {iso_memory!r} is not SIZE!START: write e.g. 2G!4G")
+    size, start = rng
+    need = max(memory_mib << 20, 0) + size
+    if start >= 4 << 30:
+        need = max(need, _PC_SPLIT_FROM, start + size - (4 << 30) + _PC_LOW)
+    else:
+        need = max(need, start + size)
+    return f"memmap={iso_memory.strip().upper()}", -(-need // (1 << 20))
+
+
 def run_client_scenario(
     art: Artifacts,
     workdir: Path,
@@ -151,10 +175,14 @@ def run_client_scenario(
     memory: int = 1024,
     key_from: Path | None = None,
     root_arg: str | None = None,
+    iso_memory: str = "",
 ) -> Result:
     """Guest = client (ramdisk), host namespace = `bootlink server`; waits for the marker.
 
-    `root_arg` replaces the target's `root=UUID=...` (e.g. "root=/dev/nbd0p1")."""
+    `root_arg` replaces the target's `root=UUID=...` (e.g. "root=/dev/nbd0p1").
+    `iso_memory` (client.iso_memory, "SIZE!START") boots the guest with memmap= as the
+    stick would, with enough QEMU RAM behind the range."""
+    memmap, memory = memmap_for(iso_memory, memory)
     key, disk, nics = _scenario_setup(art, workdir, key_from)
     live = nics[LIVE_NIC].tap
     host_cfg_path = workdir / "server.yaml"
@@ -185,8 +213,8 @@ def run_client_scenario(
         server_cmd = [*ns.exec_prefix, *_bootlink_cmd(), "server", "--config", str(host_cfg_path)]
         with _process(server_cmd, workdir / "server.log") as server:
             vm = qemu.VM(
-                art.vmlinuz, initrd, f"{GUEST_CMDLINE} bootlink.role=client", nics, ns,
-                memory_mib=memory, cpus=cpus, log_path=console,
+                art.vmlinuz, initrd, f"{GUEST_CMDLINE} bootlink.role=client {memmap}".rstrip(),
+                nics, ns, memory_mib=memory, cpus=cpus, log_path=console,
             )  # fmt: skip
             with vm:
                 try:

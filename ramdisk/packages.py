@@ -201,6 +201,14 @@ MODULE_GLOBS: tuple[str, ...] = (
     "fs/nls/nls_iso8859-1.ko",
     "crypto/crc32c_generic.ko",
     "arch/x86/crypto/crc32c-intel.ko",
+    # legacy persistent memory: `memmap=SIZE!START` (client.iso_memory) turns RAM into
+    # /dev/pmem0, where a distro ISO waits for the next kernel (common/kexec.py). The
+    # e820_pmem platform device is built in; nd_e820 binds it (modalias), nd_pmem the
+    # namespace it creates (nd_btt and libnvdimm come as its dependencies).
+    "drivers/nvdimm/libnvdimm.ko",
+    "drivers/nvdimm/nd_e820.ko",
+    "drivers/nvdimm/nd_pmem.ko",
+    "drivers/nvdimm/nd_btt.ko",
     # battery and lid (server role treats the laptop kindly)
     "drivers/acpi/battery.ko",
     "drivers/acpi/ac.ko",

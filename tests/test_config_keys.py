@@ -54,6 +54,11 @@ def test_defaults_and_contract_keys():
         ("link: [1, 2]", "link must be a mapping"),
         ("key: [unclosed", "is not valid YAML"),
         ("link: {nbd_port: 70000}", "'link.nbd_port' must be 1..65535"),
+        ("client: {iso_memory: 2G!1G}", "'client.iso_memory' must be SIZE!START with START 4G"),
+        ("client: {iso_memory: 2G}", "'client.iso_memory' must be SIZE!START"),
+        ("client: {iso_memory: 100M!4G}", "both multiples of 128M"),
+        ("client: {iso_memory: 0!4G}", "'client.iso_memory' must be SIZE!START"),
+        ("client: {iso_memory: 2G@4G}", "'client.iso_memory' must be SIZE!START"),
     ],
 )
 def test_config_errors_name_key_and_fix(text, needle):
@@ -117,3 +122,13 @@ def test_keygen_cli(tmp_path, capsys):
     assert "key id" in capsys.readouterr().out
     assert main(["keygen", "--key", str(tmp_path / "k")]) == 2
     assert main(["keygen", "--key", str(tmp_path / "missing-dir" / "k")]) == 2
+
+
+def test_iso_memory_default_off_and_parsed():
+    from bootlink.common.config import iso_memory_range
+
+    assert parse_config("").client.iso_memory == ""
+    cfg = parse_config('client: {iso_memory: "2G!4G"}')
+    assert iso_memory_range(cfg.client.iso_memory) == (2 << 30, 4 << 30)
+    assert iso_memory_range("512m!4352M") == (512 << 20, 4352 << 20)
+    assert iso_memory_range("2G") is None

@@ -235,6 +235,32 @@ def test_select_modules_adds_deps_and_softdeps_via_alias():
     ])  # fmt: skip
 
 
+def _cached_kernel_modules() -> Path | None:
+    cache = Path(os.environ.get("BOOTLINK_CACHE", REPO / "cache"))
+    found = sorted(cache.glob("kernel/linux-image-*/root/lib/modules/*/modules.dep"))
+    return found[-1].parent if found else None
+
+
+def test_legacy_pmem_modules_and_their_modaliases_are_in_the_ramdisk():
+    # memmap=SIZE!START makes a built-in e820_pmem platform device: nd_e820 binds it (by
+    # modalias), nd_pmem the namespace nd_e820 creates; /init loads both by name too.
+    mdir = _cached_kernel_modules()
+    if mdir is None:
+        pytest.skip("no Debian kernel in the cache (bootlink ramdisk build fetches it)")
+    index = kmod.read_index(mdir)
+    got = {kmod._modname(m) for m in kmod.select_modules(index, packages.MODULE_GLOBS)}
+    assert {"libnvdimm", "nd_e820", "nd_pmem", "nd_btt"} <= got
+    assert (
+        "CONFIG_X86_PMEM_LEGACY_DEVICE=y"
+        in next((mdir.parents[2] / "boot").glob("config-*")).read_text()
+    )
+    aliases = dict((pat, mod) for pat, mod in index.aliases)
+    assert aliases["platform:e820_pmem*"] == "nd_e820" and aliases["nd:t4*"] == "nd_pmem"
+    init = INIT.read_text()
+    assert "memmap=*!*) want_pmem=1" in init
+    assert '[ -n "$want_pmem" ] && modprobe -a -b -q nd_e820 nd_pmem' in init
+
+
 # --- ELF dependency pruning ------------------------------------------------------------
 
 

@@ -611,3 +611,23 @@ def test_refuses_a_small_device(tmp_path, config_path, ramdisk_dir, capsys):
             "--ramdisk", str(ramdisk_dir), "--yes",
         )  # fmt: skip
         assert rc == 2 and "too small: 16 MiB, the stick needs" in err, err
+
+
+def test_iso_memory_puts_memmap_on_both_boot_paths(tmp_path, ramdisk_dir):
+    # client.iso_memory: the stick's kernel reserves that RAM as legacy pmem (/dev/pmem0),
+    # on the UKI's command line and syslinux's alike; without it there is no memmap=.
+    key = tmp_path / "key"
+    generate_key_file(key)
+    cfg = tmp_path / "client.yaml"
+    cfg.write_text(f"key: {key}\nclient:\n  iso_memory: 2g!4G\n")
+    img = tmp_path / "stick.img"
+    stick.build_stick(_opts(cfg, ramdisk_dir, append="quiet"), img)
+    cmdline = "bootlink.role=client console=ttyS0,115200 console=tty0 memmap=2G!4G quiet"
+    cfg_text = _esp_file(img, "syslinux/syslinux.cfg", tmp_path / "s.cfg").decode()
+    assert f"APPEND {cmdline}\n" in cfg_text
+    efi = _esp_file(img, "EFI/BOOT/BOOTX64.EFI", tmp_path / "BOOTX64.EFI")
+    s = uki.parse_pe(efi).section(".cmdline")
+    assert efi[s.raw_offset : s.raw_offset + s.virtual_size].decode() == cmdline
+    info = json.loads(_esp_file(img, "bootlink/stick.json", tmp_path / "stick.json"))
+    assert info["cmdline"] == cmdline
+    assert "memmap" not in stick.kernel_cmdline("quiet", "")

@@ -84,10 +84,15 @@ def estimate_disk_bytes(rd: Ramdisk) -> int:
     return image.min_disk_bytes(image.esp_size_for(content, 12))
 
 
-def kernel_cmdline(append: str = "") -> str:
+def kernel_cmdline(append: str = "", iso_memory: str = "") -> str:
+    """The stick kernel's command line; `iso_memory` (client.iso_memory) adds memmap=."""
     if "\n" in append or "\r" in append:
         raise BootlinkError("--append must be one line of kernel arguments")
-    return " ".join(x for x in ("bootlink.role=client", DEFAULT_CONSOLES, append.strip()) if x)
+    # memmap=SIZE!START: that RAM becomes the ramdisk's /dev/pmem0, where kexec.prepare
+    # stages a distro ISO for the next kernel (config.py has validated the value).
+    memmap = f"memmap={iso_memory.strip().upper()}" if iso_memory.strip() else ""
+    parts = ("bootlink.role=client", DEFAULT_CONSOLES, memmap, append.strip())
+    return " ".join(x for x in parts if x)
 
 
 def syslinux_cfg(cmdline: str) -> str:
@@ -126,7 +131,7 @@ def build_stick(opts: StickOptions, dest: Path) -> image.BuiltImage:
     dest = Path(dest)
     image.check_writable(dest)
     rd = load_ramdisk(opts.ramdisk_dir)
-    cmdline = kernel_cmdline(opts.append)
+    cmdline = kernel_cmdline(opts.append, opts.config.client.iso_memory)
     # A private (0700) scratch folder next to the output: key material passes through it.
     with tempfile.TemporaryDirectory(prefix=".bootlink-stick-", dir=dest.parent) as tmp:
         work = Path(tmp)
