@@ -1,0 +1,117 @@
+"""The real bootlink ramdisk with memmap=SIZE!START (client.iso_memory): /dev/pmem0 appears
+with the reserved range, and kexec.prepare stages an ISO there inside the guest, with the
+ramdisk's own Python and modules. Without memmap= no nvdimm module is loaded.
+
+What the next kernel then sees on its /dev/pmem0 is proven in test_kexec_extras_boot.py.
+Slow: marked `qemu`. Needs root (a network namespace and a tap, as the other QEMU tests).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootlink.common.config import config_from_dict, iso_memory_range
+from bootlink.common.keys import generate_key_file
+from bootlink.ramdisk import build, e2e, qemu
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, taps, mmdebstrap)"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("BOOTLINK_CACHE", REPO / "cache"))
+ISO_MEMORY = "256M!4G"  # the smallest valid client.iso_memory at the lowest allowed START
+ISO_BYTES = 5 << 20
+
+# Run in the guest's rescue shell: what the client does with an iso: source in pmem mode.
+STAGE = f"""
+import hashlib, os
+from pathlib import Path
+from bootlink.common import kexec
+from bootlink.common.bootimage import BootImage, Provenance
+print("PMEM-DEVS", " ".join(f"{{d.device}}:{{d.start}}:{{d.size}}" for d in kexec.legacy_pmem_devices()))
+data = os.urandom({ISO_BYTES}) + b"bootlink-iso"
+Path("/run/t.iso").write_bytes(data)
+digest = hashlib.sha256(data).hexdigest()
+img = BootImage("iso", Path("/proc/version"), None, "memmap=6M!4G boot=live",
+                Provenance("iso", "t.iso", "test"),
+                extra={{"iso": "/run/t.iso", "iso_sha256": digest, "memmap": "memmap=6M!4G"}})
+out = kexec.prepare(img)
+print("STAGED", out.extra["pmem_device"], "|", out.cmdline)
+with open(out.extra["pmem_device"], "rb") as f:
+    print("READBACK", hashlib.sha256(f.read(len(data))).hexdigest() == digest)
+"""  # noqa: E501
+
+
+@pytest.fixture(scope="module")
+def ramdisk(tmp_path_factory) -> build.BuildResult:
+    return build.build(build.BuildOptions(output=tmp_path_factory.mktemp("rd"), cache=CACHE))
+
+
+def _with_script(rd: build.BuildResult, tmp_path: Path) -> Path:
+    """The ramdisk + a config layer (as on the stick) that also holds STAGE's script."""
+    generate_key_file(tmp_path / "key")
+    cfg = config_from_dict(
+        {"key": str(tmp_path / "key"), "client": {"iso_memory": ISO_MEMORY}}, source="test"
+    )
+    (tmp_path / "stage.py").write_text(STAGE)
+    layer = tmp_path / "config.cpio.zst"
+    build.config_layer(
+        cfg, layer, build.DEFAULT_EPOCH, {"/etc/bootlink/stage.py": tmp_path / "stage.py"}
+    )
+    initrd = tmp_path / "initrd.img"
+    build._concat([rd.ramdisk, layer], initrd, 0o600)
+    return initrd
+
+
+def _shell_vm(initrd: Path, rd, append: str, memory: int, tmp_path: Path, ns) -> qemu.VM:
+    nics = [qemu.Nic(ns.add_tap("bltap0"), qemu.mac_for(1))]
+    return qemu.VM(
+        rd.vmlinuz, initrd, f"{e2e.GUEST_CMDLINE} bootlink.shell=1 {append}".strip(),
+        nics, ns, memory_mib=memory, log_path=tmp_path / "console.log", stdin_pipe=True,
+    )  # fmt: skip
+
+
+def test_memmap_gives_the_ramdisk_pmem0_and_the_iso_is_staged_there(ramdisk, tmp_path):
+    size, start = iso_memory_range(ISO_MEMORY)
+    memmap, memory = e2e.memmap_for(ISO_MEMORY, 1024)
+    assert memmap == f"memmap={ISO_MEMORY}"
+    initrd = _with_script(ramdisk, tmp_path)
+    with qemu.namespace() as ns:
+        vm = _shell_vm(initrd, ramdisk, memmap, memory, tmp_path, ns)
+        with vm:
+            vm.wait_for(r"dropping to a rescue shell", 180, fail=r"Kernel panic")
+            ms = vm.console.milestones()
+            vm.send("echo SYS $(cat /sys/block/pmem0/device/resource /sys/block/pmem0/size)\n")
+            sys_line = vm.wait_for(r"^SYS ", 30).text
+            vm.send("echo MODS $(cut -d' ' -f1 /proc/modules | grep -E '^(nd_|libnvdimm)')\n")
+            mods = vm.wait_for(r"^MODS", 30).text
+            vm.send("python3 /etc/bootlink/stage.py\n")
+            devs = vm.wait_for(r"^PMEM-DEVS", 120, fail=r"Traceback|BootlinkError").text
+            staged = vm.wait_for(r"^STAGED ", 120, fail=r"Traceback|BootlinkError").text
+            back = vm.wait_for(r"^READBACK ", 60, fail=r"Traceback|BootlinkError").text
+    print("milestones:", ms)
+    # The kernel's own view: the range memmap= named, as one pmem device.
+    res, sectors = sys_line.split()[1:3]
+    assert (int(res, 0), int(sectors) * 512) == (start, size)
+    assert {"nd_e820", "nd_pmem", "nd_btt", "libnvdimm"} <= set(mods.split()[1:])
+    assert devs.split()[1:] == [f"/dev/pmem0:{start}:{size}"]
+    # kexec.prepare copied the ISO there and gave the next kernel this device's range.
+    assert staged == f"STAGED /dev/pmem0 | memmap={ISO_MEMORY} boot=live"
+    assert back == "READBACK True"
+    assert ms["/init"] < ms["modules loaded"]
+
+
+def test_without_memmap_no_nvdimm_module_is_loaded(ramdisk, tmp_path):
+    with qemu.namespace() as ns:
+        vm = _shell_vm(ramdisk.ramdisk, ramdisk, "", 1024, tmp_path, ns)
+        with vm:
+            vm.wait_for(r"dropping to a rescue shell", 180, fail=r"Kernel panic")
+            vm.send("echo MODS $(cut -d' ' -f1 /proc/modules | sort | tr '\\n' ' ') END\n")
+            mods = vm.wait_for(r"^MODS .* END$", 30).text.split()[1:-1]
+    assert "virtio_net" in mods  # modules did load (the list is real)
+    assert not [m for m in mods if m.startswith("nd_") or m == "libnvdimm"], mods
