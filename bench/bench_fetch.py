@@ -77,6 +77,14 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=("swarm", "ipfs"), help="measure just one of them")
+    ap.add_argument(
+        "--layouts",
+        default="kubo-v0,kubo-v1,v1-2025",
+        help="IPFS layouts to measure, comma-separated (default: all three)",
+    )
+    ap.add_argument(
+        "--ipfs-modes", default="car,raw", help="IPFS fetch modes, comma-separated (car,raw)"
+    )
     shm = Path("/dev/shm")
     ap.add_argument(
         "--dir",
@@ -100,7 +108,7 @@ def main() -> int:
             ref = swarm_src.upload_file(src, bee, batch, progress=False)
             cids = {
                 lay: ipfs_src.add_file(src, gw, lay, progress=False)
-                for lay in ("kubo-v1", "v1-2025")
+                for lay in args.layouts.split(",")
                 if args.only != "swarm"
             }
             data = src.read_bytes()
@@ -123,14 +131,14 @@ def main() -> int:
                 rows.append((f"swarm verified ({mode})", t, base))
             for lay, cid in cids.items():
                 ipfs_plain = lambda c=cid: plain(gw, f"/ipfs/{c}", out)  # noqa: E731
-                for mode in ("car", "raw"):
+                for i, mode in enumerate(args.ipfs_modes.split(",")):
                     base_i, t = paired(
                         ipfs_plain,
                         lambda c=cid, m=mode: ipfs_src.fetch(c, gw, out, mode=m, progress=False),
                         args.runs,
                         check,
                     )
-                    if mode == "car":
+                    if i == 0:
                         rows.append((f"ipfs plain GET /ipfs ({lay})", base_i, base_i))
                     rows.append((f"ipfs verified {mode} ({lay})", t, base_i))
         finally:

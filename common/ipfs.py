@@ -272,21 +272,27 @@ class PBNode:
         return bytes(out)
 
     @classmethod
-    def decode(cls, block: bytes) -> PBNode:
-        links: list[PBLink] = []
-        data = None
-        for num, wire, value in pb_fields(block):
-            if num == 2 and wire == 2:
-                if data is not None:
-                    raise IpfsFormatError("dag-pb Links after Data")
-                links.append(_decode_link(value))  # type: ignore[arg-type]
-            elif num == 1 and wire == 2:
-                if data is not None:
-                    raise IpfsFormatError("dag-pb Data twice")
-                data = bytes(value)  # type: ignore[arg-type]
-            else:
-                raise IpfsFormatError(f"unexpected dag-pb field {num} (wire type {wire})")
-        return cls(tuple(links), data)
+    def decode(cls, block: bytes | memoryview) -> PBNode:
+        links, data = _pb_node_fields(block)
+        return cls(tuple(links), None if data is None else bytes(data))
+
+
+def _pb_node_fields(block: bytes | memoryview) -> tuple[list[PBLink], memoryview | None]:
+    """dag-pb Links and Data, the Data as a view into `block` (no copy)."""
+    links: list[PBLink] = []
+    data = None
+    for num, wire, value in pb_fields(block):
+        if num == 2 and wire == 2:
+            if data is not None:
+                raise IpfsFormatError("dag-pb Links after Data")
+            links.append(_decode_link(value))  # type: ignore[arg-type]
+        elif num == 1 and wire == 2:
+            if data is not None:
+                raise IpfsFormatError("dag-pb Data twice")
+            data = value
+        else:
+            raise IpfsFormatError(f"unexpected dag-pb field {num} (wire type {wire})")
+    return links, data  # type: ignore[return-value]
 
 
 def _decode_link(buf: memoryview) -> PBLink:
@@ -338,32 +344,60 @@ class UnixFSData:
         return out
 
     @classmethod
-    def decode(cls, buf: bytes) -> UnixFSData:
-        type_ = None
-        data = b""
-        filesize = None
-        sizes: list[int] = []
-        for num, wire, value in pb_fields(buf):
-            if num == 1 and wire == 0:
-                type_ = value
-            elif num == 2 and wire == 2:
-                data = bytes(value)  # type: ignore[arg-type]
-            elif num == 3 and wire == 0:
-                filesize = value
-            elif num == 4 and wire == 0:
-                sizes.append(value)  # type: ignore[arg-type]
-            elif num == 4 and wire == 2:  # packed encoding is legal protobuf too
-                p, packed = 0, value
-                while p < len(packed):  # type: ignore[arg-type]
-                    v, p = decode_varint(packed, p)  # type: ignore[arg-type]
-                    sizes.append(v)
-            elif (num in (5, 6, 7) and wire == 0) or (num == 8 and wire == 2):
-                pass  # hashType, fanout, mode, mtime: metadata a file read ignores
-            else:
-                raise IpfsFormatError(f"unexpected UnixFS field {num} (wire type {wire})")
-        if type_ is None:
-            raise IpfsFormatError("UnixFS Data without Type")
-        return cls(type_, data, filesize, tuple(sizes))  # type: ignore[arg-type]
+    def decode(cls, buf: bytes | memoryview) -> UnixFSData:
+        type_, data, filesize, sizes = _unixfs_fields(buf)
+        return cls(type_, bytes(data), filesize, sizes)
+
+
+def _unixfs_fields(
+    buf: bytes | memoryview,
+) -> tuple[int, memoryview, int | None, tuple[int, ...]]:
+    """UnixFS Data's (type, data, filesize, blocksizes); data is a view into `buf`."""
+    type_ = None
+    data = memoryview(b"")
+    filesize = None
+    sizes: list[int] = []
+    for num, wire, value in pb_fields(buf):
+        if num == 1 and wire == 0:
+            type_ = value
+        elif num == 2 and wire == 2:
+            data = value  # type: ignore[assignment]
+        elif num == 3 and wire == 0:
+            filesize = value
+        elif num == 4 and wire == 0:
+            sizes.append(value)  # type: ignore[arg-type]
+        elif num == 4 and wire == 2:  # packed encoding is legal protobuf too
+            p, packed = 0, value
+            while p < len(packed):  # type: ignore[arg-type]
+                v, p = decode_varint(packed, p)  # type: ignore[arg-type]
+                sizes.append(v)
+        elif (num in (5, 6, 7) and wire == 0) or (num == 8 and wire == 2):
+            pass  # hashType, fanout, mode, mtime: metadata a file read ignores
+        else:
+            raise IpfsFormatError(f"unexpected UnixFS field {num} (wire type {wire})")
+    if type_ is None:
+        raise IpfsFormatError("UnixFS Data without Type")
+    return type_, data, filesize, tuple(sizes)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FileNode:
+    """A dag-pb UnixFS node as a file read needs it; `data` is a view into the block.
+
+    Decoding a leaf this way copies none of its (up to 1 MiB of) file data.
+    """
+
+    links: tuple[CID, ...]
+    type: int
+    data: memoryview
+    filesize: int | None
+    blocksizes: tuple[int, ...]
+
+
+def decode_file_node(block: bytes | memoryview) -> FileNode:
+    links, data = _pb_node_fields(block)
+    type_, udata, filesize, sizes = _unixfs_fields(data if data is not None else b"")
+    return FileNode(tuple(link.cid for link in links), type_, udata, filesize, sizes)
 
 
 # ---------------------------------------------------------------- importer
@@ -682,6 +716,30 @@ class CarReader:
             section = self._read(length)
             cid, end = CID.decode(section)
             yield cid, section[end:]
+
+
+def car_section_span(
+    buf: memoryview, pos: int, end: int, max_block: int = MAX_BLOCK
+) -> tuple[int, int] | None:
+    """(start of the CID, end of the section) for the CAR section at buf[pos:end], or None
+    while its length prefix is incomplete. Reads only the prefix and copies nothing; the
+    section itself may extend past `end`. Sections over `max_block` are refused."""
+    stop = min(end, pos + 9)
+    for i in range(pos, stop):
+        if not buf[i] & 0x80:
+            length, body = decode_varint(buf[: i + 1], pos)
+            break
+    else:
+        if stop - pos >= 9:
+            raise IpfsFormatError("CAR section length varint too long")
+        return None
+    if length == 0:
+        raise IpfsFormatError("empty CAR section")
+    if length > max_block + 128:
+        raise IpfsFormatError(
+            f"CAR section of {length} bytes exceeds the {max_block}-byte block cap"
+        )
+    return body, body + length
 
 
 def encode_car(roots: list[CID], blocks: list[tuple[CID, bytes]]) -> bytes:
