@@ -180,10 +180,19 @@ class CID:
     @classmethod
     def decode(cls, buf: bytes | memoryview, pos: int = 0) -> tuple[CID, int]:
         """A binary CID at `pos`; returns it and the position after it."""
-        if len(buf) - pos >= 2 and buf[pos] == SHA2_256 and buf[pos + 1] == 32:
-            if len(buf) - pos < 34:
+        have = len(buf) - pos
+        if have >= 2 and buf[pos] == SHA2_256 and buf[pos + 1] == 32:
+            if have < 34:
                 raise IpfsFormatError("truncated CIDv0")
             return cls(0, DAG_PB, SHA2_256, bytes(buf[pos + 2 : pos + 34])), pos + 34
+        if (
+            have >= 36
+            and buf[pos] == 1
+            and buf[pos + 1] < 0x80
+            and buf[pos + 2] == SHA2_256
+            and buf[pos + 3] == 32
+        ):  # the common CIDv1 (one-byte codec, sha2-256): no varint loops, same result
+            return cls(1, buf[pos + 1], SHA2_256, bytes(buf[pos + 4 : pos + 36])), pos + 36
         version, p = decode_varint(buf, pos)
         if version != 1:
             raise IpfsFormatError(f"unsupported CID version {version}")

@@ -8,7 +8,9 @@ us buffer more than one chunk/block. Errors become one-line BootlinkErrors namin
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -86,6 +88,15 @@ class HttpClient:
             conn.close()
             self._local.conn = None
 
+    def abort(self) -> None:
+        """close(), after shutting the socket down: a thread blocked reading a response
+        on this thread's connection wakes up at once instead of at its timeout."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):  # already gone
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        self.close()
+
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
 
@@ -127,12 +138,18 @@ class HttpClient:
         raise AssertionError("unreachable")
 
     def get_bounded(
-        self, path: str, limit: int, headers: dict[str, str] | None = None
+        self, path: str, limit: int, headers: dict[str, str] | None = None, *, exact=False
     ) -> tuple[int, bytes]:
-        """GET a body of at most `limit` bytes; (status, body). Oversize is an error."""
+        """GET a body of at most `limit` bytes; (status, body). Oversize is an error.
+
+        exact: a body of announced length is received straight into a bytearray of that
+        size (http.client's read(n) receives into `limit` bytes, then copies them out)."""
         resp = self.request("GET", path, headers=headers)
         try:
-            body = read_capped(resp, limit, self.url(path))
+            if exact and resp.status == 200:
+                body = read_exact(resp, limit, self.url(path))
+            else:
+                body = read_capped(resp, limit, self.url(path))
         except BaseException:
             self.close()
             raise
@@ -157,6 +174,26 @@ def read_capped(resp: http.client.HTTPResponse, limit: int, url: str) -> bytes:
     except TimeoutError:
         raise HttpError(f"{url}: stalled while sending the body") from None
     return body
+
+
+def read_exact(resp: http.client.HTTPResponse, limit: int, url: str) -> bytes:
+    """The body as a bytearray received in place when its length is announced."""
+    length = resp.getheader("Content-Length")
+    if resp.chunked or length is None or not length.isdigit():
+        return read_capped(resp, limit, url)
+    if int(length) > limit:
+        raise HttpError(f"{url}: answer of {length} bytes exceeds the {limit}-byte limit")
+    body = bytearray(int(length))
+    view, got = memoryview(body), 0
+    try:
+        while got < len(body):
+            n = resp.readinto(view[got:])
+            if not n:
+                raise HttpError(f"{url}: connection closed after {got} bytes")
+            got += n
+    except TimeoutError:
+        raise HttpError(f"{url}: stalled while sending the body") from None
+    return body  # type: ignore[return-value]
 
 
 def error_text(body: bytes) -> str:

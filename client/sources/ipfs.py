@@ -17,10 +17,11 @@ checks that kubo's CID equals the one computed offline.
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.client
-import io
 import json
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -59,14 +60,73 @@ class IpfsFetch:
         return f"ipfs: all {self.blocks} blocks match their CIDs ({self.mode})"
 
 
-class _CarBlocks:
-    """Verified blocks out of one CAR stream, in the order the DAG walk asks for them."""
+CAR_BUFFER = 3 << 20  # one receive buffer: the largest section (2 MiB block) fits whole
+CAR_BATCH = 1 << 20  # a buffer goes to a hasher once it holds this many bytes of sections
+CAR_BUFFERS = 6  # receiving, hashing+writing (2), waiting: reused, never more
+CAR_WORKERS = 2  # threads checking and writing buffers
+LOOKAHEAD = 64  # bytes read past a section, enough for the next one's prefix and CID
 
-    def __init__(self, http: HttpClient, root: CID, max_buffer: int = 256 << 20) -> None:
-        self.http, self.root, self.max_buffer = http, root, max_buffer
-        self.url = http.url(f"/ipfs/{root}?format=car")
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ipfs-hash")
+
+def _hash_and_write(
+    buf: mmap.mmap,
+    sections: list[tuple[CID, int, int]],
+    writes: list[tuple[bytes | memoryview, int]],
+    fd: int,
+) -> int | None:
+    """Check every section's block against its CID, then write the batch's file data;
+    the index of the first bad block (nothing written then). Runs on a worker thread:
+    hashlib and pwrite drop the GIL for big buffers, the memoryview slices copy nothing."""
+    view = memoryview(buf)
+    sha256 = hashlib.sha256
+    for i, (cid, start, end) in enumerate(sections):
+        if cid.mh_code == ipfs.SHA2_256:
+            if sha256(view[start:end]).digest() != cid.digest:
+                return i
+        elif not cid.verify(bytes(view[start:end])):
+            return i
+    for data, offset in writes:
+        out = memoryview(data)
+        while out:  # a regular file takes it all at once, barring errors
+            n = os.pwrite(fd, out, offset)
+            out, offset = out[n:], offset + n
+    return None
+
+
+class _CarBlocks:
+    """Blocks out of one CAR stream, in the order the DAG walk asks for them.
+
+    The calling thread receives the stream into a few reused buffers, whole sections per
+    buffer (a section that would not fit starts the next one), parses section headers in
+    place and hands the walk views into the buffer: nothing is copied (except blocks the
+    walk does not want yet). The walk decides where each block's file data goes; a filled
+    buffer then goes to a worker that checks every block in it against its CID and only
+    then writes its file data (pwrite, from the buffer). So the walk may look at a block
+    before its hash is checked: a lie in it can at worst misdirect the walk, and every
+    error path settles the pending checks first, so a block that fails its CID is what
+    gets named. Nothing is renamed into place before every check has passed (finish()).
+    """
+
+    wants_hints = False
+    stable_blocks = False
+
+    def __init__(self, http: HttpClient, root: CID, fd: int, max_buffer: int = 256 << 20):
+        self.http, self.root, self.fd, self.max_buffer = http, root, fd, max_buffer
+        self._pool = ThreadPoolExecutor(max_workers=CAR_WORKERS, thread_name_prefix="ipfs-hash")
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._allocated = 0
+        self._owned: list[mmap.mmap] = []
+        self._jobs: collections.deque[tuple[Future, list]] = collections.deque()
+        self.received = 0
+        self.stash: dict[bytes, bytes] = {}  # blocks that came before the walk wanted them
+        self.stashed = 0
+        # Blocks already handed out, for a gateway that sends each block once (dups=n)
+        # although the DAG uses it twice; with dups=y (asked for) nothing is kept.
+        self.cache: collections.OrderedDict[bytes, bytes] | None = None
+        self.cache_bytes = 0
+        self._sections: list[tuple[CID, int, int]] = []  # parsed, in the current buffer
+        self._writes: list[tuple[bytes | memoryview, int]] = []
+        self._idx = 0  # sections handed out so far
+        self._ended = False
         try:
             resp = http.request(
                 "GET",
@@ -90,39 +150,144 @@ class _CarBlocks:
                 f"{http.base} answered {ctype or 'no content type'} instead of a CAR: it is "
                 "not a trustless gateway; use another --gateway or --mode raw"
             )
+        params = {p.strip().lower().replace(" ", "") for p in ctype.split(";")[1:]}
+        if "dups=y" not in params:
+            self.cache = collections.OrderedDict()
         self.resp = resp
+        self.buf = self._buffer()
+        self.view = memoryview(self.buf)
         try:
-            # Section headers are read a few bytes at a time: buffer them, not the socket.
-            self.reader = ipfs.CarReader(io.BufferedReader(resp, buffer_size=1 << 20))
+            self.pos, self.filled = self._header()
         except (ValueError, http.client.HTTPException, OSError) as exc:
             self._fail(f"broken CAR header ({exc})")
-        self.received = 0
-        self.buffer: dict[bytes, bytes] = {}
-        self.buffered = 0
-        # Reading and hashing overlap: a pump thread parses sections and hands each to a
-        # hashing pool (hashlib drops the GIL); get() takes the results in stream order.
-        self._queue: queue.Queue = queue.Queue(maxsize=32)
-        self._pump_thread = threading.Thread(target=self._pump, name="ipfs-car", daemon=True)
-        self._pump_thread.start()
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    # ------------------------------------------------------------ receiving
 
-    def _pump(self) -> None:
+    def _buffer(self) -> mmap.mmap:
+        """A free receive buffer: up to CAR_BUFFERS, taken from the process-wide spares
+        (a second fetch, e.g. the initrd after the kernel, faults in no new pages)."""
         try:
-            for got, block in self.reader:
-                fut = self._pool.submit(_checked, got, block)
-                if not self._put(fut):
-                    return
-            self._put(None)
-        except BaseException as exc:  # handed to get(), which turns it into one line
-            self._put(exc)
+            return self._free.get(block=False)
+        except queue.Empty:
+            pass
+        if self._allocated < CAR_BUFFERS:
+            self._allocated += 1
+            self._owned.append(_spare_buffer())
+            return self._owned[-1]
+        self._settle(1)  # all in the workers' hands: wait for the oldest
+        return self._free.get()
+
+    def _fill(self, upto: int) -> int:
+        """Read until the buffer holds `upto` bytes or the stream ends; bytes read."""
+        upto = min(upto, CAR_BUFFER)
+        start = self.filled
+        while self.filled < upto:
+            n = self.resp.readinto(self.view[self.filled : upto])
+            if not n:
+                break
+            self.filled += n
+        return self.filled - start
+
+    def _header(self) -> tuple[int, int]:
+        self.filled = 0
+        self._fill(10)
+        length, pos = ipfs.decode_varint(self.view[: self.filled])
+        if length > 64 * 1024:
+            raise ipfs.IpfsFormatError(f"CAR header of {length} bytes is implausibly large")
+        self._fill(pos + length + LOOKAHEAD)
+        if self.filled < pos + length:
+            raise ipfs.CarTruncated("CAR stream ended inside its header")
+        ipfs.decode_car_header(bytes(self.view[pos : pos + length]))  # roots ignored
+        return pos + length, self.filled
+
+    def _submit(self) -> None:
+        """The current buffer's sections (all walked by now) go to a worker."""
+        if self._sections:
+            job = self._pool.submit(
+                _hash_and_write, self.buf, self._sections, self._writes, self.fd
+            )
+            job.add_done_callback(lambda _f, buf=self.buf: self._free.put(buf))
+            self._jobs.append((job, self._sections))
+        else:
+            self._free.put(self.buf)
+        self._sections, self._writes, self._idx = [], [], 0
+        while self._jobs and self._jobs[0][0].done():
+            self._settle(1)  # a lying gateway is named as soon as it is caught
+
+    def _settle(self, n: int | None = None) -> None:
+        """Wait for the oldest `n` (default: all) checks; name the first bad block."""
+        while self._jobs and (n is None or n > 0):
+            job, sections = self._jobs.popleft()
+            try:
+                bad = job.result()
+            except OSError as exc:
+                self.close()
+                raise BootlinkError(
+                    f"cannot write the download: {exc.strerror or exc}; is the disk full?"
+                ) from None
+            if bad is not None:
+                self.close()
+                raise IpfsBlockError(
+                    f"ipfs block {sections[bad][0]} from {self.http.base} does not match its "
+                    "CID: the gateway is lying or corrupt; try another --gateway"
+                )
+            if n is not None:
+                n -= 1
+
+    def check(self) -> None:
+        """Check every block received so far (before reporting another error)."""
+        try:
+            if self._sections:
+                bad = _hash_and_write(self.buf, self._sections, [], self.fd)
+                if bad is not None:
+                    self._jobs.append((_done(bad), self._sections))
+            self._settle()
+        except IpfsBlockError:
+            raise
+        except BaseException:
+            return  # the caller's own error is the one to report
+
+    def _more(self, cid: CID) -> None:
+        """Parse more sections into self._sections (all before handed out)."""
+        while True:
+            if self._ended:
+                self.check()
+                self._fail(
+                    f"the stream ended before block {cid} ({self.received} blocks received): "
+                    "truncated response"
+                )
+            view, pos = self.view, self.pos
+            span = None
+            while True:
+                span = ipfs.car_section_span(view, pos, self.filled)
+                if span is None or span[1] > self.filled:
+                    break
+                got, start = CID.decode(view[: span[1]], span[0])
+                self._sections.append((got, start, span[1]))
+                pos = span[1]
+            self.pos = pos
+            if self._idx < len(self._sections):
+                return
+            need = span[1] if span is not None else pos + LOOKAHEAD
+            if need > CAR_BUFFER or (self._sections and pos >= CAR_BATCH):
+                # Hand this buffer on and go on in a fresh one, starting with the few
+                # bytes of the next section already here (its prefix and CID).
+                new = self._buffer()
+                rest = self.filled - pos
+                new[:rest] = view[pos : self.filled]
+                self._submit()
+                self.buf, self.view, self.pos, self.filled = new, memoryview(new), 0, rest
+                continue
+            # Read up to a batch's worth at once (few calls for small blocks), and a
+            # little past the section wanted, to learn the next one's length.
+            if not self._fill(max(need, CAR_BATCH) + LOOKAHEAD):  # end of stream
+                self._ended = True
+                if pos != self.filled:
+                    self.check()
+                    short = f"{need - self.filled} bytes short" if span else "in a length prefix"
+                    self._fail(f"truncated response (CAR stream ended {short} inside a section)")
+
+    # ------------------------------------------------------------ the walk's side
 
     def _fail(self, what: str):
         self.close()
@@ -131,65 +296,110 @@ class _CarBlocks:
             "retry or try another --gateway"
         )
 
+    def _kept(self, key: bytes) -> bytes | None:
+        block = self.stash.pop(key, None)
+        if block is not None:
+            self.stashed -= len(block)
+            return block
+        if self.cache is not None and key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        return None
+
     def hint(self, cids) -> None:
         pass  # the stream brings blocks in its own (depth-first) order
 
-    def get(self, cid: CID) -> bytes:
+    def get(self, cid: CID) -> bytes | memoryview:
+        """Block `cid`, its check pending: a view valid until the next get() call."""
         key = cid.multihash
-        if key in self.buffer:
-            block = self.buffer.pop(key)
-            self.buffered -= len(block)
-            return block
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.put(None)  # stays at end of stream for later calls
-                self._fail(
-                    f"the stream ended before block {cid} ({self.received} blocks received): "
-                    "truncated response"
-                )
-            if isinstance(item, ipfs.CarTruncated):
-                self._fail(f"truncated response ({item})")
-            if isinstance(item, ValueError | http.client.HTTPException | OSError):
-                self._fail(f"broken stream after {self.received} blocks ({item})")
-            if isinstance(item, BaseException):
-                raise item
-            got, block, ok = item.result()
-            self.received += 1
-            if not ok:
-                self.close()
-                raise IpfsBlockError(
-                    f"ipfs block {got} from {self.http.base} does not match its CID: the "
-                    "gateway is lying or corrupt; try another --gateway"
-                )
+            if self._idx >= len(self._sections):
+                kept = self._kept(key)
+                if kept is not None:
+                    return kept
+                try:
+                    self._more(cid)
+                except (ValueError, http.client.HTTPException, OSError) as exc:
+                    self.check()
+                    self._fail(f"broken stream after {self.received} blocks ({exc})")
+            got, start, end = self._sections[self._idx]
             if got.multihash == key:
+                self._idx += 1
+                self.received += 1
+                block = self.view[start:end]
+                if self.cache is not None:
+                    self._remember(key, bytes(block))
                 return block
-            # A block the walk has not reached yet (order=unk gateways): keep it, bounded.
-            self.buffer[got.multihash] = block
-            self.buffered += len(block)
-            if self.buffered > self.max_buffer:
+            kept = self._kept(key)
+            if kept is not None:
+                return kept  # this section is for a later request
+            # A block the walk has not reached yet (order=unk gateways): keep a copy
+            # (checked with the rest of its buffer).
+            self._idx += 1
+            self.received += 1
+            self.stash[got.multihash] = bytes(self.view[start:end])
+            self.stashed += end - start
+            if self.stashed > self.max_buffer:
+                self.check()
                 self._fail(
                     f"over {self.max_buffer >> 20} MiB of blocks arrived out of DAG order "
                     "(or unrelated)"
                 )
 
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        """File data of a block just handed out, written once its buffer is checked."""
+        self._writes.append((data, offset))
+
+    def _remember(self, key: bytes, block: bytes) -> None:
+        assert self.cache is not None
+        self.cache[key] = block
+        self.cache_bytes += len(block)
+        while self.cache_bytes > 32 << 20:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= len(old)
+
+    def finish(self) -> None:
+        """The walk is complete: check and write what is pending."""
+        self._submit()
+        self._settle()
+
     def close(self) -> None:
-        # Leftover bytes after the DAG is complete: ignore them, drop the connection
-        # (which also ends a pump thread blocked on the socket).
-        self._stop.set()
-        self.http.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Leftover bytes after the DAG is complete: ignore them, drop the connection.
+        # Wait for the workers: none may write to the file after it is closed.
+        self.http.abort()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with _SPARE_LOCK:
+            _SPARE.extend(self._owned)  # every worker is done with them
+        self._owned = []
 
 
-def _checked(cid: CID, block: bytes) -> tuple[CID, bytes, bool]:
-    return cid, block, cid.verify(block)
+_SPARE: list[mmap.mmap] = []
+_SPARE_LOCK = threading.Lock()
+
+
+def _spare_buffer() -> mmap.mmap:
+    """Anonymous memory, so only the pages a fetch touches get allocated (a bytearray
+    would be zeroed, all 3 MiB, on every fetch)."""
+    with _SPARE_LOCK:
+        if _SPARE:
+            return _SPARE.pop()
+    return mmap.mmap(-1, CAR_BUFFER)
+
+
+def _done(result) -> Future:
+    fut: Future = Future()
+    fut.set_result(result)
+    return fut
 
 
 class _RawBlocks:
     """Verified blocks fetched one by one (`?format=raw`), a window of them in flight."""
 
-    def __init__(self, http: HttpClient, workers: int) -> None:
-        self.http = http
+    wants_hints = True
+    stable_blocks = True
+
+    def __init__(self, http: HttpClient, workers: int, fd: int) -> None:
+        self.http, self.fd = http, fd
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipfs")
         self.futures: dict[bytes, Future] = {}
         self.window = workers * 2
@@ -198,7 +408,9 @@ class _RawBlocks:
 
     def _fetch(self, cid: CID) -> bytes:
         path = f"/ipfs/{cid}?format=raw"
-        status, body = self.http.get_bounded(path, ipfs.MAX_BLOCK, {"Accept": RAW_ACCEPT})
+        status, body = self.http.get_bounded(
+            path, ipfs.MAX_BLOCK, {"Accept": RAW_ACCEPT}, exact=True
+        )
         if status == 404:
             raise IpfsBlockError(
                 f"ipfs block {cid} not found on {self.http.base}: not pinned or not "
@@ -234,6 +446,18 @@ class _RawBlocks:
     def received(self) -> int:
         return self.fetched
 
+    def write(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:  # a regular file takes it all at once, barring errors
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def check(self) -> None:
+        pass  # every block was checked before get() returned it
+
+    def finish(self) -> None:
+        pass
+
     def close(self) -> None:
         for fut in self.futures.values():
             fut.cancel()
@@ -256,94 +480,112 @@ def fetch(
     if mode not in MODES:
         raise BootlinkError(f"ipfs fetch mode must be one of {', '.join(MODES)}, not {mode!r}")
     http = HttpClient(gateway, timeout, what="IPFS gateway URL")
-    source = _CarBlocks(http, root) if mode == "car" else _RawBlocks(http, workers)
     tmp = output.with_name(output.name + ".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    source = None
     try:
-        with open(tmp, "wb") as out:
-            walker = _Walker(
-                source, out, str(http.base), max_size, progress, label or f"ipfs {root.short()}"
-            )
-            size = walker.run(root)
-            out.flush()
-            os.fsync(out.fileno())
+        source = _CarBlocks(http, root, fd) if mode == "car" else _RawBlocks(http, workers, fd)
+        walker = _Walker(
+            source, str(http.base), max_size, progress, label or f"ipfs {root.short()}"
+        )
+        size = walker.run(root)
+        source.finish()  # every block checked, all data written
+        os.fsync(fd)
     except BaseException:
+        if source is not None:
+            source.close()  # first: no worker may still write to the file
+        os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        source.close()
+    source.close()
+    os.close(fd)
     os.replace(tmp, output)
+    if walker.prog:
+        walker.prog.finish()
     return IpfsFetch(root, size, walker.blocks, str(http.base), mode)
 
 
 class _Walker:
     """Depth-first UnixFS reassembly with structural checks."""
 
-    def __init__(self, source, out, gateway: str, max_size: int, progress: bool, label: str):
-        self.source, self.out, self.gateway = source, out, gateway
+    def __init__(self, source, gateway: str, max_size: int, progress: bool, label: str):
+        self.source, self.gateway = source, gateway
         self.max_size = max_size
         self.progress = progress
         self.label = label
         self.prog: Progress | None = None
         self.blocks = 0
         self.written = 0
-        # Consumed blocks kept for DAGs that reuse a block (gateways may send it once).
-        self.cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        # Consumed blocks kept for DAGs that reuse a block, when the source's blocks stay
+        # valid (raw mode: one bytes object each; the CAR source keeps its own).
+        self.cache: collections.OrderedDict[bytes, bytes] | None = (
+            collections.OrderedDict() if source.stable_blocks else None
+        )
         self.cache_bytes = 0
 
     def _bad(self, cid: CID, what: str):
+        self.source.check()  # a block failing its CID is the error to name, if there is one
         raise IpfsBlockError(
             f"ipfs block {cid} from {self.gateway} {what}: not a valid UnixFS file; "
             "check the CID (bootlink fetches files, not directories)"
         )
 
-    def _block(self, cid: CID) -> bytes:
+    def _block(self, cid: CID) -> bytes | memoryview:
+        """The verified block; a view into a receive buffer is valid until the next call."""
         if cid.mh_code == ipfs.IDENTITY:
             return cid.digest
-        cached = self.cache.get(cid.multihash)
-        if cached is not None:
-            self.cache.move_to_end(cid.multihash)
-            return cached
+        cache = self.cache
+        if cache is not None:
+            cached = cache.get(cid.multihash)
+            if cached is not None:
+                cache.move_to_end(cid.multihash)
+                return cached
         block = self.source.get(cid)
         if len(block) > ipfs.MAX_BLOCK:
             raise IpfsBlockError(f"ipfs block {cid} from {self.gateway} is over 2 MiB: refused")
         self.blocks += 1
-        self.cache[cid.multihash] = block
-        self.cache_bytes += len(block)
-        while self.cache_bytes > 32 << 20:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= len(old)
+        if cache is not None:
+            cache[cid.multihash] = block  # type: ignore[assignment]
+            self.cache_bytes += len(block)
+            while self.cache_bytes > 32 << 20:
+                _, old = cache.popitem(last=False)
+                self.cache_bytes -= len(old)
         return block
 
-    def _write(self, data: bytes) -> None:
-        self.written += len(data)
-        if self.written > self.max_size:
+    def _write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self.written + n > self.max_size:
+            self.source.check()
             raise TooLarge(f"{self.label}: file exceeds the {self.max_size}-byte limit")
-        self.out.write(data)
+        self.source.write(data, self.written)
+        self.written += n
         if self.prog:
-            self.prog.advance(len(data))
+            self.prog.advance(n)
 
     def run(self, root: CID) -> int:
         stack: list[tuple[CID, int | None]] = [(root, None)]
         visits = 0
+        hints = self.source.wants_hints
         while stack:
             cid, expected = stack.pop()
             visits += 1
             if visits > 10_000_000:
                 self._bad(root, "has an absurd number of nodes")
-            self.source.hint(c for c, _ in reversed(stack[-64:]))
+            if hints:
+                self.source.hint(c for c, _ in reversed(stack[-64:]))
             block = self._block(cid)
             children = self._visit(cid, block, expected)
             if self.prog is None and self.progress:
                 total = expected if expected is not None else self._filesize_hint
                 self.prog = Progress(self.label, total or 0)
             stack.extend(reversed(children))
-        if self.prog:
-            self.prog.finish()
         return self.written
 
     _filesize_hint = 0
 
-    def _visit(self, cid: CID, block: bytes, expected: int | None) -> list[tuple[CID, int]]:
+    def _visit(
+        self, cid: CID, block: bytes | memoryview, expected: int | None
+    ) -> list[tuple[CID, int]]:
         if cid.codec == ipfs.RAW:
             if expected is not None and len(block) != expected:
                 self._bad(cid, f"holds {len(block)} bytes where its parent says {expected}")
@@ -352,29 +594,29 @@ class _Walker:
         if cid.codec != ipfs.DAG_PB:
             self._bad(cid, f"has codec 0x{cid.codec:x}")
         try:
-            node = ipfs.PBNode.decode(block)
-            unixfs = ipfs.UnixFSData.decode(node.data or b"")
+            node = ipfs.decode_file_node(block)  # its data stays a view into the block
         except ValueError as exc:
             self._bad(cid, f"is malformed ({exc})")
-        if unixfs.type not in (ipfs.UNIXFS_FILE, ipfs.UNIXFS_RAW):
-            self._bad(cid, f"is UnixFS type {unixfs.type}, not a file")
-        total = len(unixfs.data) + sum(unixfs.blocksizes)
-        if unixfs.filesize is not None and unixfs.filesize != total:
-            self._bad(cid, f"says filesize {unixfs.filesize} but its parts add up to {total}")
+        if node.type not in (ipfs.UNIXFS_FILE, ipfs.UNIXFS_RAW):
+            self._bad(cid, f"is UnixFS type {node.type}, not a file")
+        total = len(node.data) + sum(node.blocksizes)
+        if node.filesize is not None and node.filesize != total:
+            self._bad(cid, f"says filesize {node.filesize} but its parts add up to {total}")
         if expected is not None and total != expected:
             self._bad(cid, f"holds {total} bytes where its parent says {expected}")
-        if len(unixfs.blocksizes) != len(node.links):
-            self._bad(cid, f"has {len(node.links)} links but {len(unixfs.blocksizes)} blocksizes")
+        if len(node.blocksizes) != len(node.links):
+            self._bad(cid, f"has {len(node.links)} links but {len(node.blocksizes)} blocksizes")
         if expected is None:
             if total > self.max_size:
+                self.source.check()
                 raise TooLarge(
                     f"ipfs {cid} is {total} bytes, over the {self.max_size}-byte limit for a "
                     "boot file; is this the right CID?"
                 )
             self._filesize_hint = total
-        if unixfs.data:
-            self._write(unixfs.data)
-        return [(link.cid, size) for link, size in zip(node.links, unixfs.blocksizes, strict=True)]
+        if node.data:
+            self._write(node.data)
+        return list(zip(node.links, node.blocksizes, strict=True))
 
 
 # ---------------------------------------------------------------- publishing
