@@ -70,26 +70,36 @@ LOOKAHEAD = 64  # bytes read past a section, enough for the next one's prefix an
 def _hash_and_write(
     buf: mmap.mmap,
     sections: list[tuple[CID, int, int]],
-    writes: list[tuple[bytes | memoryview, int]],
+    writes: list[tuple[bytes | memoryview, int, int]],
     fd: int,
 ) -> int | None:
-    """Check every section's block against its CID, then write the batch's file data;
-    the index of the first bad block (nothing written then). Runs on a worker thread:
-    hashlib and pwrite drop the GIL for big buffers, the memoryview slices copy nothing."""
+    """Check each section's block against its CID and write the file data taken from it
+    (right after: it is still in the CPU cache); the index of the first bad block. Runs
+    on a worker thread: hashlib and pwrite drop the GIL for big buffers, and the
+    memoryview slices copy nothing. Data written before a bad block is found only ever
+    lands in the .part file, which is then deleted."""
     view = memoryview(buf)
     sha256 = hashlib.sha256
+    w = 0
     for i, (cid, start, end) in enumerate(sections):
         if cid.mh_code == ipfs.SHA2_256:
             if sha256(view[start:end]).digest() != cid.digest:
                 return i
         elif not cid.verify(bytes(view[start:end])):
             return i
-    for data, offset in writes:
-        out = memoryview(data)
-        while out:  # a regular file takes it all at once, barring errors
-            n = os.pwrite(fd, out, offset)
-            out, offset = out[n:], offset + n
+        while w < len(writes) and writes[w][2] <= i:
+            _pwrite_all(fd, writes[w][0], writes[w][1])
+            w += 1
+    for data, offset, _ in writes[w:]:  # blocks kept from earlier buffers
+        _pwrite_all(fd, data, offset)
     return None
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    out = memoryview(data)
+    while out:  # a regular file takes it all at once, barring errors
+        n = os.pwrite(fd, out, offset)
+        out, offset = out[n:], offset + n
 
 
 class _CarBlocks:
@@ -124,7 +134,7 @@ class _CarBlocks:
         self.cache: collections.OrderedDict[bytes, bytes] | None = None
         self.cache_bytes = 0
         self._sections: list[tuple[CID, int, int]] = []  # parsed, in the current buffer
-        self._writes: list[tuple[bytes | memoryview, int]] = []
+        self._writes: list[tuple[bytes | memoryview, int, int]] = []  # (data, offset, section)
         self._idx = 0  # sections handed out so far
         self._ended = False
         try:
@@ -202,7 +212,7 @@ class _CarBlocks:
 
     def _submit(self) -> None:
         """The current buffer's sections (all walked by now) go to a worker."""
-        if self._sections:
+        if self._sections or self._writes:
             job = self._pool.submit(
                 _hash_and_write, self.buf, self._sections, self._writes, self.fd
             )
@@ -348,7 +358,7 @@ class _CarBlocks:
 
     def write(self, data: bytes | memoryview, offset: int) -> None:
         """File data of a block just handed out, written once its buffer is checked."""
-        self._writes.append((data, offset))
+        self._writes.append((data, offset, self._idx - 1))
 
     def _remember(self, key: bytes, block: bytes) -> None:
         assert self.cache is not None
@@ -447,10 +457,7 @@ class _RawBlocks:
         return self.fetched
 
     def write(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:  # a regular file takes it all at once, barring errors
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        _pwrite_all(self.fd, data, offset)
 
     def check(self) -> None:
         pass  # every block was checked before get() returned it
