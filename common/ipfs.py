@@ -18,6 +18,7 @@ lengths beyond the bytes actually present.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class CID:
     mh_code: int
     digest: bytes
 
-    @property
+    @functools.cached_property  # the key of every block lookup: computed once per CID
     def multihash(self) -> bytes:
         return encode_varint(self.mh_code) + encode_varint(len(self.digest)) + self.digest
 

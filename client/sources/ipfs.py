@@ -61,7 +61,7 @@ class IpfsFetch:
 
 
 CAR_BUFFER = 3 << 20  # one receive buffer: the largest section (2 MiB block) fits whole
-CAR_BATCH = 1 << 20  # a buffer goes to a hasher once it holds this many bytes of sections
+CAR_BATCH = 2 << 20  # a buffer goes to a hasher once it holds this many bytes of sections
 CAR_BUFFERS = 6  # receiving, hashing+writing (2), waiting: reused, never more
 CAR_WORKERS = 2  # threads checking and writing buffers
 LOOKAHEAD = 64  # bytes read past a section, enough for the next one's prefix and CID
