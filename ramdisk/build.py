@@ -299,6 +299,7 @@ def prune(root: Path, variant: str) -> int:
         for p in caches:
             shutil.rmtree(p, ignore_errors=True)
         return freed
+    before = elfdeps.missing_libraries(root)
     freed = 0
     for rel in packages.PRUNE_PATHS:
         p = root / rel
@@ -322,7 +323,9 @@ def prune(root: Path, variant: str) -> int:
             if so.name not in packages.NBDKIT_KEEP:
                 freed += so.stat().st_size
                 so.unlink()
-    return freed + elfdeps.prune_unused_libraries(root)
+    freed += elfdeps.prune_unused_libraries(root)
+    elfdeps.check_nothing_lost(root, before)
+    return freed
 
 
 def prune_programs(root: Path) -> int:

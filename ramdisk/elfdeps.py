@@ -13,6 +13,8 @@ import stat
 import struct
 from pathlib import Path
 
+from bootlink.common.errors import BootlinkError
+
 LIBDIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib")
 # dlopen()ed by name, so no DT_NEEDED points at them.
 KEEP_PREFIXES = (
@@ -70,8 +72,40 @@ def needed(path: Path) -> list[str] | None:
         return None
 
 
+def resolve_in(root: Path, rel: Path) -> Path:
+    """`rel` (relative to `root`) with every symlink in it followed as if `root` were /:
+    absolute targets point into `root`, never into the build host. Relative to `root`."""
+    todo = list(rel.parts)
+    done: list[str] = []
+    for _ in range(256):  # symlink loops end here, unresolved
+        if not todo:
+            break
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        if part == os.sep:
+            done = []
+            continue
+        p = root.joinpath(*done, part)
+        if p.is_symlink():
+            target = Path(os.readlink(p))
+            todo = [*target.parts, *todo]  # an absolute target starts with os.sep
+            continue
+        done.append(part)
+    return Path(*done, *todo)
+
+
 def unused_libraries(root: Path) -> list[Path]:
-    """Top-level shared libraries in LIBDIRS that no remaining ELF file needs."""
+    """Top-level shared libraries in LIBDIRS that no remaining ELF file needs.
+
+    Every path is handled relative to `root` and symlinks are followed inside it: with
+    Path.resolve() a relative `root` (`--cache cache`) turned the soname links' targets
+    into absolute paths that matched none of the scanned ones, so the libraries those
+    targets need (libbsd -> libmd, libnbd -> libxml2 -> ICU) were dropped."""
     root = Path(root)
     candidates: dict[str, list[Path]] = {}  # soname/file name -> paths (symlinks too)
     cand_files: set[Path] = set()
@@ -83,8 +117,9 @@ def unused_libraries(root: Path) -> list[Path]:
             if ".so" in p.name and (p.is_file() or p.is_symlink()):
                 if p.name.startswith(KEEP_PREFIXES):
                     continue
-                candidates.setdefault(p.name, []).append(p)
-                cand_files.add(p)
+                rel = p.relative_to(root)
+                candidates.setdefault(p.name, []).append(rel)
+                cand_files.add(rel)
     deps: dict[Path, list[str]] = {}
     roots: list[str] = []
     for dirpath, _, files in os.walk(root):
@@ -96,23 +131,23 @@ def unused_libraries(root: Path) -> list[Path]:
             n = needed(p)
             if n is None:
                 continue
-            if p in cand_files:
-                deps[p] = n
+            rel = p.relative_to(root)
+            if rel in cand_files:
+                deps[rel] = n
             else:
                 roots += n
     # Follow sonames through the candidates (a soname may be a symlink to the real file).
+    real = {p: resolve_in(root, p) for p in cand_files}
     keep: set[Path] = set()
     todo = list(roots)
     while todo:
         soname = todo.pop()
         for p in candidates.get(soname, []):
-            real = p.resolve()
-            for q in (p, real):
+            for q in (p, real[p]):
                 if q not in keep:
                     keep.add(q)
                     todo += deps.get(q, [])
-    unused = [p for p in cand_files if p not in keep and p.resolve() not in keep]
-    return sorted(unused)
+    return sorted(root / p for p in cand_files if p not in keep and real[p] not in keep)
 
 
 def prune_unused_libraries(root: Path) -> int:
@@ -121,3 +156,45 @@ def prune_unused_libraries(root: Path) -> int:
         freed += p.lstat().st_size
         p.unlink()
     return freed
+
+
+# Where the dynamic loader looks (ld.so.conf.d's multiarch paths, then its defaults).
+SEARCH_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
+
+
+def missing_libraries(root: Path) -> dict[str, list[str]]:
+    """Sonames some ELF file under `root` needs that the loader would not find there
+    (file relative to root -> sonames): the check after pruning, so an image that
+    cannot run `ip` or `import nbd` fails the build instead of the boot."""
+    root = Path(root)
+    missing: dict[str, list[str]] = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if not stat.S_ISREG(p.lstat().st_mode):
+                continue
+            lost = [
+                so
+                for so in needed(p) or ()
+                if not any((root / resolve_in(root, Path(d, so))).is_file() for d in SEARCH_DIRS)
+            ]
+            if lost:
+                missing[str(p.relative_to(root))] = lost
+    return missing
+
+
+def check_nothing_lost(root: Path, before: dict[str, list[str]]) -> None:
+    """Raise if pruning left an ELF file needing a library that was there before it
+    (`before` = missing_libraries(root) on the unpruned tree: some Debian plugins need
+    libraries only their Recommends bring, e.g. tc's q_atm.so and libatm)."""
+    lost = {
+        f: [so for so in sonames if so not in before.get(f, [])]
+        for f, sonames in missing_libraries(root).items()
+    }
+    lost = {f: s for f, s in lost.items() if s}
+    if lost:
+        shown = "; ".join(f"/{f} needs {', '.join(s)}" for f, s in sorted(lost.items())[:4])
+        raise BootlinkError(
+            f"pruning removed libraries still needed: {shown}: fix ramdisk/elfdeps.py "
+            "(or keep the library with KEEP_PREFIXES if it is dlopen()ed by name)"
+        )

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -283,6 +284,127 @@ def test_elf_needed_and_unused_libraries(tmp_path):
     os.mkfifo(root / "usr/bin/a-fifo")  # must not block the scan
     unused = [p.name for p in elfdeps.unused_libraries(root)]
     assert unused == ([] if unused_src.name in need else [unused_src.name])
+
+
+def fake_elf(path: Path, needs: list[str], soname: str = "") -> None:
+    """A minimal 64-bit ELF shared object: one PT_LOAD over the file, a PT_DYNAMIC with
+    DT_STRTAB, DT_SONAME and DT_NEEDED entries (what elfdeps.needed reads)."""
+    strtab = b"\0"
+    offsets = []
+    for name in [soname, *needs]:
+        offsets.append(len(strtab))
+        strtab += name.encode() + b"\0"
+    ehdr, phdr = 64, 56
+    str_off = ehdr + 2 * phdr
+    dyn_off = (str_off + len(strtab) + 7) // 8 * 8
+    entries = [(elfdeps.DT_STRTAB, str_off)]
+    if soname:
+        entries.append((elfdeps.DT_SONAME, offsets[0]))
+    entries += [(elfdeps.DT_NEEDED, o) for o in offsets[1:]]
+    entries.append((elfdeps.DT_NULL, 0))
+    dyn = b"".join(struct.pack("<qQ", t, v) for t, v in entries)
+    size = dyn_off + len(dyn)
+    head = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    head += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, ehdr, 0, 0, ehdr, phdr, 2, 64, 0, 0)
+    load = struct.pack("<IIQQQQQQ", elfdeps.PT_LOAD, 5, 0, 0, 0, size, size, 0x1000)
+    dynamic = struct.pack("<IIQQQQQQ", elfdeps.PT_DYNAMIC, 6, dyn_off, dyn_off, dyn_off,
+                          len(dyn), len(dyn), 8)  # fmt: skip
+    data = (head + load + dynamic + strtab).ljust(dyn_off, b"\0") + dyn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def fake_debian_root(root: Path) -> set[str]:
+    """A merged-/usr tree shaped like the ramdisk's; returns the libraries nothing needs."""
+    lib = root / "usr/lib/x86_64-linux-gnu"
+
+    def library(real: str, soname: str, needs: list[str], link: str = "") -> None:
+        fake_elf(lib / real, needs, soname)
+        (lib / soname).symlink_to(link or real)
+
+    for top in ("bin", "sbin", "lib"):
+        (root / "usr" / top).mkdir(parents=True, exist_ok=True)
+        (root / top).symlink_to("usr/" + top)
+    # ip -> libbsd -> libmd: libmd is reached only through another library
+    fake_elf(root / "usr/sbin/ip", ["libbsd.so.0", "libc.so.6"])
+    library("libbsd.so.0.11.7", "libbsd.so.0", ["libmd.so.0"])
+    library("libmd.so.0.0.5", "libmd.so.0", ["libc.so.6"])
+    # `import nbd`: a Python extension -> libnbd -> libxml2 -> ICU; ICU's soname link is
+    # absolute (must resolve inside the root, not on the build host)
+    fake_elf(root / "usr/lib/python3/dist-packages/libnbdmod.cpython-311-x86_64-linux-gnu.so",
+             ["libnbd.so.0"])  # fmt: skip
+    library("libnbd.so.0.0.0", "libnbd.so.0", ["libxml2.so.2"])
+    library("libxml2.so.2.9.14", "libxml2.so.2", ["libicuuc.so.72"])
+    library("libicuuc.so.72.1", "libicuuc.so.72", ["libicudata.so.72"],
+            link="/usr/lib/x86_64-linux-gnu/libicuuc.so.72.1")  # fmt: skip
+    library("libicudata.so.72.1", "libicudata.so.72", [])
+    # a soname link into the other library folder, whose target needs one more library
+    fake_elf(root / "usr/lib/libfoo.so.1.0", ["libbar.so.1"], "libfoo.so.1")
+    (lib / "libfoo.so.1").symlink_to("../libfoo.so.1.0")
+    library("libbar.so.1.0", "libbar.so.1", [])
+    fake_elf(root / "usr/bin/foo", ["libfoo.so.1"])
+    # a kept nbdkit plugin (sub-folder: not a candidate itself) and its library
+    fake_elf(lib / "nbdkit/plugins/nbdkit-file-plugin.so", ["libz.so.1"])
+    library("libz.so.1.2.13", "libz.so.1", [])
+    # left behind by removed plugins: libcurl -> libssh2, both unused
+    library("libcurl.so.4.8.0", "libcurl.so.4", ["libssh2.so.1", "libz.so.1"])
+    library("libssh2.so.1.0.1", "libssh2.so.1", [])
+    fake_elf(lib / "libc.so.6", [])  # KEEP_PREFIXES
+    return {"libcurl.so.4", "libcurl.so.4.8.0", "libssh2.so.1", "libssh2.so.1.0.1"}
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "through-a-symlink"])
+def test_unused_libraries_keeps_everything_needed_transitively(tmp_path, monkeypatch, how):
+    # Regression: with a relative root (`ramdisk build --cache cache`), Path.resolve()
+    # made the soname links' targets absolute, their DT_NEEDED were never followed, and
+    # libmd, libxml2 and ICU were pruned: `ip` and `import nbd` failed in the image.
+    real = tmp_path / "real" / "root"
+    expected = fake_debian_root(real)
+    root = real
+    if how == "relative":
+        monkeypatch.chdir(tmp_path)
+        root = Path("real/root")
+    elif how == "through-a-symlink":
+        (tmp_path / "link").symlink_to("real")
+        root = tmp_path / "link" / "root"
+    assert elfdeps.needed(real / "usr/sbin/ip") == ["libbsd.so.0", "libc.so.6"]
+    unused = elfdeps.unused_libraries(root)
+    assert {p.name for p in unused} == expected
+    assert all(p.parent == root / "usr/lib/x86_64-linux-gnu" for p in unused)
+    before = elfdeps.missing_libraries(root)
+    assert before == {}
+    elfdeps.prune_unused_libraries(root)
+    assert elfdeps.missing_libraries(root) == {}
+    elfdeps.check_nothing_lost(root, before)
+    left = {p.name for p in (real / "usr/lib/x86_64-linux-gnu").iterdir()}
+    assert not left & expected
+    assert {"libmd.so.0.0.5", "libxml2.so.2.9.14", "libicudata.so.72.1", "libbar.so.1.0"} <= left
+
+
+def test_check_nothing_lost_names_the_lost_library_but_not_old_gaps(tmp_path):
+    root = tmp_path / "root"
+    fake_debian_root(root)
+    # missing before pruning (tc's q_atm.so needs libatm, which only a Recommends brings)
+    fake_elf(root / "usr/lib/x86_64-linux-gnu/tc/q_atm.so", ["libatm.so.1"])
+    before = elfdeps.missing_libraries(root)
+    assert before == {"usr/lib/x86_64-linux-gnu/tc/q_atm.so": ["libatm.so.1"]}
+    elfdeps.check_nothing_lost(root, before)
+    (root / "usr/lib/x86_64-linux-gnu/libmd.so.0.0.5").unlink()
+    with pytest.raises(
+        BootlinkError, match=r"/usr/lib/x86_64-linux-gnu/libbsd.so.0.11.7 needs libmd.so.0"
+    ):
+        elfdeps.check_nothing_lost(root, before)
+
+
+def test_resolve_in_stays_inside_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "lib").symlink_to("usr/lib")
+    (root / "usr/lib/a").symlink_to("/lib/b")
+    (root / "usr/lib/loop").symlink_to("loop")
+    assert elfdeps.resolve_in(root, Path("lib/a")) == Path("usr/lib/b")
+    assert elfdeps.resolve_in(root, Path("usr/lib/../../../etc")) == Path("etc")
+    elfdeps.resolve_in(root, Path("usr/lib/loop"))  # ends
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
