@@ -139,6 +139,7 @@ def selftest() -> int:
         "cryptography.hazmat.primitives.cmac", "yaml", "pyroute2", "psutil", "nbd",
         "Cryptodome.Cipher.AES", "sqlite3", "http.server", "urllib.request", "ctypes",
         "bootlink.client.boot", "bootlink.server.main",
+        "pycdlib", "bootlink.client.sources.iso",  # iso: sources (imported only when used)
     ):  # fmt: skip
         importlib.import_module(mod)
     milestone("imports ok")

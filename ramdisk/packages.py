@@ -25,6 +25,10 @@ RUNTIME_PACKAGES: tuple[str, ...] = (
     "python3-psutil",
     "python3-libnbd",  # the client's check that the export is reachable and sane
     "python3-pycryptodome",
+    # `iso:` and web distro-ISO sources read the ISO with pycdlib (imported only when one
+    # is used). Debian makes it depend on genisoimage (for its tests): those programs,
+    # libmagic and its 8 MB database are pruned again (PRUNE_PATHS, elfdeps).
+    "python3-pycdlib",
     "nbd-client",
     "nbdkit",  # the server role exports the laptop's disk with nbdkit's file plugin
     "iproute2",
@@ -107,6 +111,14 @@ PRUNE_PATHS: tuple[str, ...] = (
     "usr/bin/dpkg-statoverride",
     "usr/bin/dpkg-realpath",
     "usr/bin/update-alternatives",
+    # libmagic's database (8 MB), which only genisoimage (pulled in by python3-pycdlib,
+    # removed with the other programs) reads
+    "usr/lib/file",
+    "usr/share/file",
+    "usr/share/misc/magic",
+    "usr/share/misc/magic.mgc",
+    "etc/magic",
+    "etc/magic.mime",
 )
 
 # Extension modules of the standard library nothing here imports; removing them lets the
