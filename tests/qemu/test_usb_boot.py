@@ -57,9 +57,9 @@ class StickVM(qemu.VM):
 
     def command(self) -> list[str]:
         cmd = [
-            "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-no-user-config",
-            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
-            "-m", str(self.memory_mib), "-smp", str(self.cpus),
+            "qemu-system-x86_64", "-accel", "tcg", "-cpu", qemu.CPU, "-nodefaults",
+            "-no-user-config", "-display", "none", "-monitor", "none", "-serial", "stdio",
+            "-no-reboot", "-m", str(self.memory_mib), "-smp", str(self.cpus),
         ]  # fmt: skip
         if self.firmware == "uefi":
             cmd += [
