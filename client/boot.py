@@ -7,6 +7,7 @@ with more keys, never renamed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -74,7 +75,10 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
         try:
             resolve = _resolver_for(spec)
             workdir.mkdir(parents=True, exist_ok=True)
-            images.extend(resolve(spec.strip(), cfg, workdir, progress))
+            found = resolve(spec.strip(), cfg, workdir, progress)
+            if resolve is not resolve_link:  # the link puts it after its NBD words itself
+                found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]
+            images.extend(found)
         except BootlinkError as exc:
             if len(cfg.client.sources) == 1:
                 raise  # the one source's own one-line error says it best
@@ -84,6 +88,13 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
         raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
     images.sort(key=lambda img: img.provenance.source != "link")
     return menu.choose(images, timeout=cfg.client.menu_timeout)
+
+
+def _append_cmdline(image: BootImage, words: str) -> BootImage:
+    """client.cmdline_append goes on whatever kernel is booted, not only the laptop's."""
+    if not words.strip():
+        return image
+    return dataclasses.replace(image, cmdline=f"{image.cmdline} {words.strip()}".strip())
 
 
 def _interrupt(signum, _frame):

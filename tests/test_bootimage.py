@@ -33,3 +33,27 @@ def test_check_digests(tmp_path):
         check_digests(_image(tmp_path, good_k, good_i))
     with pytest.raises(BootlinkError, match=r"kernel .* has no verified digest"):
         check_digests(_image(tmp_path, "", good_i))
+
+
+def test_cmdline_append_reaches_images_from_every_source(tmp_path, monkeypatch):
+    from bootlink.client import boot
+    from bootlink.common.config import config_from_dict
+
+    image = _image(tmp_path, "", "")
+    image = BootImage(image.label, image.kernel, None, "boot=live", image.provenance)
+
+    def resolve_web(spec, cfg, workdir, progress):
+        return [image]
+
+    monkeypatch.setattr(boot, "_resolver_for", lambda spec: resolve_web)
+    cfg = config_from_dict(
+        {
+            "key": str(tmp_path / "key"),
+            "client": {
+                "sources": ["https://example.invalid/x.iso"],
+                "cmdline_append": "console=ttyS0",
+                "download_dir": str(tmp_path / "dl"),
+            },
+        }
+    )
+    assert boot.choose_image(cfg, progress=False).cmdline == "boot=live console=ttyS0"
