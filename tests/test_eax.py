@@ -152,3 +152,74 @@ def test_bulk_omac_equals_cmac(key, tweak, data):
 def test_wrong_key_size_is_refused():
     with pytest.raises(ValueError):
         eax.seal(os.urandom(15), b"n", b"m")
+
+
+lengths = st.integers(0, 300) | st.integers(1, 1 << 15)
+
+
+@given(
+    key=st.sampled_from([16, 24, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    tweak=st.integers(min_value=0, max_value=2),
+    sizes=st.lists(lengths.filter(bool), min_size=1, max_size=19),
+)
+def test_omac_of_many_messages_equals_cmac_of_each(key, tweak, sizes):
+    """Several chains side by side (AES-NI lanes for AES-128, OpenSSL for the other key
+    sizes), messages of different lengths, more than one group of lanes: each MAC is
+    CMAC of its own message."""
+    messages = [bytearray(os.urandom(n)) for n in sizes]
+    got = eax._omac_bulk_many(key, tweak, [memoryview(m) for m in messages])
+    assert got == [eax._omac(key, tweak, bytes(m)).finalize() for m in messages]
+
+
+def test_native_lanes_are_used_where_they_were_built():
+    """A build that compiled _omac.c on a CPU with AES-NI must use it: without it bulk
+    EAX silently runs ~6x slower (the tests above would still pass)."""
+    from pathlib import Path
+
+    from bootlink.common import omac_lanes
+
+    built = list(Path(omac_lanes.__file__).parent.glob("_omac*.so"))
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not built or " aes" not in cpu or os.environ.get("BOOTLINK_OMAC_OPENSSL"):
+        pytest.skip("no _omac build or no AES-NI here")
+    assert omac_lanes.available()
+
+
+@given(
+    starts=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_lanes_chain_equals_openssl_cbc(starts, data):
+    """omac_lanes.chain against OpenSSL's CBC: lanes of different lengths (zero blocks
+    included) end at different times, and each keeps its own state."""
+    from bootlink.common import omac_lanes
+
+    if not omac_lanes.available():
+        pytest.skip("no native lanes here")
+    key = os.urandom(16)
+    start = starts[0]
+    bodies = [bytearray(os.urandom(16 * data.draw(st.integers(0, 70)))) for _ in starts]
+    got = omac_lanes.chain(key, start, [memoryview(b) for b in bodies])
+    assert got == [eax._cbc_chain(key, start, memoryview(b)) for b in bodies]
+    # read-only buffers and other key sizes are left to OpenSSL
+    assert omac_lanes.chain(key, start, [memoryview(bytes(16))]) is None
+    assert omac_lanes.chain(os.urandom(32), start, [memoryview(bytearray(16))]) is None
+
+
+def test_open_many_opens_the_good_and_leaves_the_forged_untouched():
+    key = os.urandom(16)
+    plain = [os.urandom(n) for n in (0, 1, 16, 4096, 70000, 1 << 20)]
+    sealed = [bytearray(eax.seal(key, i.to_bytes(16, "big"), p, b"h")) for i, p in enumerate(plain)]
+    sealed[3][100] ^= 1  # one forged body
+    sealed[5][-1] ^= 1  # one forged tag
+    before = [bytes(s) for s in sealed]
+    out = eax.open_many_in_place(
+        key,
+        [eax.Sealed(i.to_bytes(16, "big"), memoryview(s), b"h") for i, s in enumerate(sealed)],
+    )
+    assert [o is None for o in out] == [False, False, False, True, False, True]
+    for i in (0, 1, 2, 4):
+        assert out[i] == plain[i]
+    assert bytes(sealed[3]) == before[3] and bytes(sealed[5]) == before[5]
+    with pytest.raises(eax.InvalidTag):
+        eax.open_many_in_place(key, [eax.Sealed(b"n", memoryview(bytearray(15)))])

@@ -126,6 +126,36 @@ def test_stream_tamper_truncate_reorder_are_refused(tmp_path):
         assert leftovers == [], f"{what} left {leftovers}"
 
 
+def test_long_stream_is_opened_in_batches_and_a_forgery_deep_inside_is_named(tmp_path):
+    """Enough frames for several batches of side-by-side MACs (and short frames at each
+    file's end): every byte arrives, and a forged frame in a later batch is named."""
+    kernel, initrd = os.urandom(20 * 1024 + 7), os.urandom(9 * 1024 - 3)
+    frames, k, _ = _stream(tmp_path, kernel, initrd)
+    got = _receive(tmp_path, b"".join(frames), k)
+    assert got.paths["kernel"].read_bytes() == kernel
+    assert got.paths["initrd"].read_bytes() == initrd
+    for path in got.paths.values():
+        path.unlink()
+    bad = [bytearray(f) for f in frames]
+    bad[13][40] ^= 1  # frame 13: the manifest is frame 0
+    with pytest.raises(ProtocolError, match="frame 13 failed authentication"):
+        _receive(tmp_path, b"".join(bad), k)
+    assert list((tmp_path / "dl").glob("*")) == []
+
+
+def test_batches_end_at_the_last_frame_and_keep_frames_read_before_a_cut(tmp_path):
+    frames, _, _ = _stream(tmp_path, os.urandom(10 * 1024), b"x", chunk=1024)
+    reader = wire.FrameReader(io.BytesIO(b"".join(frames)))
+    sizes = [len(b) for b in reader.raw_batches(4)]
+    assert sizes == [4, 4, 4, 1]  # manifest, 10 kernel frames, 1 initrd frame, the end
+    cut = wire.FrameReader(io.BytesIO(b"".join(frames)[:-20]))
+    batches = cut.raw_batches(8)
+    assert len(next(batches)) == 8
+    assert [f.counter for f in next(batches)] == [8, 9, 10, 11]  # read before the cut
+    with pytest.raises(ProtocolError, match="truncated"):
+        next(batches)
+
+
 def _service(offer):
     return BootService(
         k_xfer=K1,
