@@ -192,14 +192,10 @@ def open_many_in_place(key: bytes, messages: Sequence[Sealed]) -> list[memoryvie
         if len(m.sealed) < TAG_SIZE:
             raise InvalidTag("sealed message shorter than its tag")
     bodies = [m.sealed[:-TAG_SIZE] for m in messages]
-    long = [i for i, body in enumerate(bodies) if body]
-    macs = dict(zip(long, _omac_bulk_many(key, 2, [bodies[i] for i in long]), strict=True))
-    empty = _omac(key, 2).finalize() if len(long) < len(bodies) else b""
     out: list[memoryview | None] = []
-    for i, (m, body) in enumerate(zip(messages, bodies, strict=True)):
-        n = _omac(key, 0, m.nonce).finalize()
-        expected = _xor(_xor(n, _omac(key, 1, m.header).finalize()), macs.get(i, empty))
-        if not hmac.compare_digest(expected, bytes(m.sealed[-TAG_SIZE:])):
+    for m, body, mac in zip(messages, bodies, _omac_ciphertexts(key, bodies), strict=True):
+        n, prefix = _nonce_and_prefix(key, m.nonce, m.header)
+        if not hmac.compare_digest(_xor(prefix, mac), bytes(m.sealed[-TAG_SIZE:])):
             out.append(None)
             continue
         # CTR in place: the output may be the input (cryptography wants room for one
@@ -213,6 +209,39 @@ def seal(key: bytes, nonce: bytes, plaintext: bytes, header: bytes = b"") -> byt
     """Encrypt and authenticate: returns ciphertext || 16-byte tag."""
     enc = Encryptor(key, nonce, header)
     return enc.update(plaintext) + enc.finalize()
+
+
+def seal_many(key: bytes, messages: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytearray]:
+    """`seal` for several (nonce, plaintext, header) under one key, their MAC chains run
+    side by side (see `open_many_in_place`): returns each ciphertext || tag."""
+    _check_key(key)
+    out, prefixes = [], []
+    for nonce, plaintext, header in messages:
+        n, prefix = _nonce_and_prefix(key, nonce, header)
+        prefixes.append(prefix)
+        sealed = bytearray(len(plaintext) + TAG_SIZE)  # CTR wants a block of slack: the tag's
+        Cipher(algorithms.AES(key), modes.CTR(n)).encryptor().update_into(plaintext, sealed)
+        out.append(sealed)
+    macs = _omac_ciphertexts(key, [memoryview(s)[:-TAG_SIZE] for s in out])
+    for sealed, prefix, mac in zip(out, prefixes, macs, strict=True):
+        sealed[-TAG_SIZE:] = _xor(prefix, mac)
+    return out
+
+
+def _nonce_and_prefix(key: bytes, nonce: bytes, header: bytes) -> tuple[bytes, bytes]:
+    """EAX's N' (the CTR start) and N' xor H' (the tag without the ciphertext's MAC)."""
+    n = _omac(key, 0, nonce).finalize()
+    return n, _xor(n, _omac(key, 1, header).finalize())
+
+
+def _omac_ciphertexts(key: bytes, bodies: Sequence[memoryview]) -> list[bytes]:
+    """C' = OMAC_K(2 || c) for each ciphertext, the long ones side by side."""
+    long = [i for i, body in enumerate(bodies) if body]
+    macs = dict(zip(long, _omac_bulk_many(key, 2, [bodies[i] for i in long]), strict=True))
+    if len(long) < len(bodies):
+        empty = _omac(key, 2).finalize()
+        return [macs.get(i, empty) for i in range(len(bodies))]
+    return [macs[i] for i in range(len(bodies))]
 
 
 def open_(key: bytes, nonce: bytes, sealed: bytes, header: bytes = b"") -> bytes:

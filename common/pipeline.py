@@ -83,3 +83,15 @@ def ordered_map(
                 slot.cancel()
         feeder.join(timeout=5)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to `size` consecutive items (itertools.batched is Python >= 3.12)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

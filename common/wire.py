@@ -317,8 +317,18 @@ def _frame_header(counter: int, flags: int) -> bytes:
 
 
 def seal_frame(key: bytes, counter: int, flags: int, body: bytes) -> bytes:
-    sealed = eax.seal(key, counter.to_bytes(16, "big"), body, _frame_header(counter, flags))
-    return FRAME_HEAD.pack(len(sealed), flags) + sealed
+    return seal_frames(key, [(counter, flags, body)])[0]
+
+
+def seal_frames(key: bytes, frames: Sequence[tuple[int, int, bytes]]) -> list[bytes]:
+    """`seal_frame` for several (counter, flags, body) at once (MACs side by side)."""
+    sealed = eax.seal_many(
+        key,
+        [(c.to_bytes(16, "big"), body, _frame_header(c, flags)) for c, flags, body in frames],
+    )
+    return [
+        FRAME_HEAD.pack(len(s), flags) + s for s, (_, flags, _) in zip(sealed, frames, strict=True)
+    ]
 
 
 @dataclass(frozen=True)

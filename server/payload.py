@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from bootlink.common import wire
+from bootlink.common import omac_lanes, wire
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
-from bootlink.common.pipeline import ordered_map
+from bootlink.common.pipeline import batched, ordered_map
 from bootlink.common.wire import BootManifest, FileEntry, NbdInfo
 
 log = logging.getLogger("bootlink.server.payload")
@@ -97,8 +97,10 @@ def _seal_once(paths: dict[str, Path], chunk_size: int) -> SealedPayload | None:
 
     started = time.monotonic()
     try:
-        for frame in ordered_map(lambda item: wire.seal_frame(key, *item), chunks()):
-            out.write(frame)
+        # sealed a batch at a time: the batch's MAC chains run side by side (omac_lanes)
+        batches = batched(chunks(), omac_lanes.LANES)
+        for frames in ordered_map(lambda batch: wire.seal_frames(key, batch), batches):
+            out.writelines(frames)
         out.flush()
     except OSError as exc:
         out.close()

@@ -223,3 +223,14 @@ def test_open_many_opens_the_good_and_leaves_the_forged_untouched():
     assert bytes(sealed[3]) == before[3] and bytes(sealed[5]) == before[5]
     with pytest.raises(eax.InvalidTag):
         eax.open_many_in_place(key, [eax.Sealed(b"n", memoryview(bytearray(15)))])
+
+
+@given(
+    key=st.sampled_from([16, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
+    messages=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=20), lengths.map(os.urandom), st.binary()),
+        max_size=11,
+    ),
+)
+def test_seal_many_equals_seal_of_each(key, messages):
+    assert eax.seal_many(key, messages) == [eax.seal(key, n, m, h) for n, m, h in messages]

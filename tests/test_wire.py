@@ -327,3 +327,10 @@ def test_full_download_disk_is_one_clear_error(tmp_path):
         assert list((small / "dl").iterdir()) == []  # nothing half-written is left
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_batched_keeps_order_and_the_remainder():
+    from bootlink.common.pipeline import batched
+
+    assert list(batched(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(batched([], 3)) == []
