@@ -8,7 +8,9 @@ OMAC (= CMAC), both of which it provides on top of OpenSSL:
     tag = N' xor H' xor C'
 
 The streaming classes let a multi-megabyte payload be sealed or opened in bounded
-memory; `seal`/`open_` are the one-shot forms used for small messages.
+memory; `seal`/`open_` are the one-shot forms used for small messages;
+`seal_many`/`open_many_in_place` take a batch of bulk frames under one key and run their
+OMAC chains side by side (common/omac_lanes.py), which is what makes bulk EAX fast.
 """
 
 from __future__ import annotations
