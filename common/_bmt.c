@@ -339,10 +339,15 @@ int bmt_chunk_address(uint64_t span, const uint8_t *payload, size_t len, uint8_t
     return 0;
 }
 
-/* Addresses of the consecutive data chunks of `data` (4096 bytes each, the last one
- * possibly shorter; span = payload length): out gets 32 bytes per chunk. One call per
- * batch keeps Python's per-call overhead out of the streaming verifier. */
-void bmt_leaf_addresses(const uint8_t *data, size_t len, uint8_t *out) {
+/* Addresses of the consecutive chunks whose payloads are `data` (4096 bytes each, the
+ * last one possibly shorter): out gets 32 bytes per chunk. Chunk i spans
+ * min(chunk_span, total - i * chunk_span) bytes of the file: data chunks have
+ * chunk_span 4096 and total = len; a level of intermediate chunks has payloads of 128
+ * child addresses, chunk_span 4096 * 128^k and total = the file bytes below the level.
+ * One call per batch (W chunks side by side) keeps Python's per-call overhead out of
+ * the streaming verifier and the tree rebuild. */
+void bmt_chunk_addresses(const uint8_t *data, size_t len, uint64_t chunk_span, uint64_t total,
+                         uint8_t *out) {
     static const uint8_t zeros[4096];
     uint8_t tail[4096], junk[32];
     const size_t w = (size_t)impl->width;
@@ -351,7 +356,9 @@ void bmt_leaf_addresses(const uint8_t *data, size_t len, uint8_t *out) {
         if ((n - g) * 4 < w * 3) { /* mostly empty slots: one by one is cheaper */
             for (size_t i = g; i < n; i++) {
                 size_t have = len - 4096 * i < 4096 ? len - 4096 * i : 4096;
-                bmt_chunk_address(have, data + 4096 * i, have, out + 32 * i);
+                uint64_t left = total - i * chunk_span;
+                bmt_chunk_address(left < chunk_span ? left : chunk_span, data + 4096 * i, have,
+                                  out + 32 * i);
             }
             break;
         }
@@ -374,9 +381,15 @@ void bmt_leaf_addresses(const uint8_t *data, size_t len, uint8_t *out) {
             } else {
                 p[j] = data + 4096 * i;
             }
-            span[j] = have;
+            uint64_t left = total - i * chunk_span;
+            span[j] = left < chunk_span ? left : chunk_span;
             o[j] = out + 32 * i;
         }
         impl->many(p, span, o);
     }
+}
+
+/* Addresses of the consecutive data chunks of `data` (span = payload length). */
+void bmt_leaf_addresses(const uint8_t *data, size_t len, uint8_t *out) {
+    bmt_chunk_addresses(data, len, 4096, len, out);
 }

@@ -63,11 +63,19 @@ def _load_c_library() -> ctypes.CDLL | None:
         lib.bmt_chunk_address.restype = ctypes.c_int
         lib.bmt_keccak256.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
         lib.bmt_keccak256.restype = None
-        if not hasattr(lib, "bmt_set_impl"):
+        if not hasattr(lib, "bmt_chunk_addresses"):
             continue  # a stale build from an older bootlink: ignore it
         # c_void_p: bytes (leaf_addresses) and ctypes arrays over bytearrays (_into) alike
         lib.bmt_leaf_addresses.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         lib.bmt_leaf_addresses.restype = None
+        lib.bmt_chunk_addresses.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint64,
+            ctypes.c_uint64,
+            ctypes.c_void_p,
+        ]
+        lib.bmt_chunk_addresses.restype = None
         lib.bmt_set_impl.argtypes = [ctypes.c_int]
         lib.bmt_set_impl.restype = ctypes.c_int
         lib.bmt_impl_name.argtypes = []
@@ -307,6 +315,27 @@ def reference_of_file(path: Path, sink: ChunkSink | None = None, progress=None) 
     return tb.finish()
 
 
+def chunk_addresses(payloads: bytes, chunk_span: int, total: int) -> bytes:
+    """Concatenated addresses of the chunks whose payloads are cut from `payloads`.
+
+    `payloads` is cut into 4096-byte payloads (the last may be shorter); chunk i spans
+    min(chunk_span, total - i * chunk_span) file bytes. Data chunks: chunk_span 4096,
+    total = len(payloads) (that is leaf_addresses). A level of intermediate chunks:
+    their child addresses back to back, chunk_span = the bytes under a full one.
+    """
+    n = -(-len(payloads) // CHUNK_SIZE)
+    if n and not (n - 1) * chunk_span < total <= n * chunk_span:
+        raise ValueError(f"{n} chunks of span {chunk_span} do not fit {total} bytes")
+    if _LIB is not None:
+        out = ctypes.create_string_buffer(32 * n)
+        _LIB.bmt_chunk_addresses(ctypes.c_char_p(payloads), len(payloads), chunk_span, total, out)
+        return out.raw
+    return b"".join(
+        chunk_address(min(chunk_span, total - i * chunk_span), payloads[off : off + CHUNK_SIZE])
+        for i, off in enumerate(range(0, len(payloads), CHUNK_SIZE))
+    )
+
+
 def reference_from_leaves(
     addrs: bytes | bytearray, size: int, sink: ChunkSink | None = None
 ) -> bytes:
@@ -314,30 +343,28 @@ def reference_from_leaves(
 
     Builds the intermediate chunks from them exactly as TreeBuilder does (groups of 128;
     a lone trailing child carried up unwrapped), but level by level on byte slices: a
-    group of 128 consecutive addresses *is* its parent chunk's payload. Intermediate
-    chunks go to `sink`.
+    group of 128 consecutive addresses *is* its parent chunk's payload, so a whole level
+    is hashed in one chunk_addresses call. Intermediate chunks go to `sink`.
     """
     n = len(addrs) // REF_SIZE
-    if n == 0 or len(addrs) != n * REF_SIZE or size <= (n - 1) * CHUNK_SIZE:
+    if n == 0 or len(addrs) != n * REF_SIZE or not (n - 1) * CHUNK_SIZE < size <= n * CHUNK_SIZE:
         raise ValueError(f"{n} chunk addresses do not fit a {size}-byte file")
     level = bytes(addrs)
-    spans = [CHUNK_SIZE] * (n - 1) + [size - (n - 1) * CHUNK_SIZE]
-    while len(spans) > 1:
-        up = bytearray()
-        up_spans = []
-        for g in range(0, len(spans), BRANCHES):
-            group = spans[g : g + BRANCHES]
-            payload = level[REF_SIZE * g : REF_SIZE * (g + len(group))]
-            if len(group) == 1:  # the lone trailing child (there are other groups)
-                up += payload
-                up_spans.append(group[0])
-            else:
-                addr = chunk_address(sum(group), payload)
-                if sink:
-                    sink(addr, sum(group), payload)
-                up += addr
-                up_spans.append(sum(group))
-        level, spans = bytes(up), up_spans
+    child_span = CHUNK_SIZE  # file bytes under each child but the last
+    while n > 1:
+        span = child_span * BRANCHES
+        groups = -(-n // BRANCHES)
+        lone = groups > 1 and n % BRANCHES == 1  # carried up as it is, not wrapped
+        wrapped = level[: REF_SIZE * (n - lone)]
+        up = chunk_addresses(wrapped, span, min(size, (groups - lone) * span))
+        if sink:
+            for g in range(groups - lone):
+                addr = up[REF_SIZE * g : REF_SIZE * (g + 1)]
+                sink(
+                    addr, min(span, size - g * span), wrapped[CHUNK_SIZE * g : CHUNK_SIZE * (g + 1)]
+                )
+        level = up + level[REF_SIZE * (n - lone) :]
+        n, child_span = groups, span
     return level
 
 

@@ -111,6 +111,72 @@ def test_reference_from_leaves_equals_splitter(n_chunks, short):
     )
 
 
+ODD_SIZES = [1, CS - 1, CS, CS + 1, 8 * CS - 1, 8 * CS + 1, 128 * CS + 1, 131 * CS - 5]
+
+
+def _one_by_one_py(payloads: bytes, chunk_span: int, total: int) -> bytes:
+    """chunk_addresses spelled out with the pycryptodome BMT, chunk by chunk."""
+    if swarm._KECCAK is None:
+        pytest.skip("pycryptodome not installed")
+    return b"".join(
+        swarm.chunk_address_py(min(chunk_span, total - i * chunk_span), payloads[off : off + CS])
+        for i, off in enumerate(range(0, len(payloads), CS))
+    )
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_chunk_addresses_of_data_chunks_match_python(c_impl, size):
+    data = os.urandom(size)
+    expected = _one_by_one_py(data, CS, size)
+    assert swarm.chunk_addresses(data, CS, size) == expected
+    assert swarm.leaf_addresses(data) == expected
+
+
+@pytest.mark.parametrize("children", [1, 2, 127, 128, 129, 8 * 128, 9 * 128 + 1])
+@pytest.mark.parametrize("level", [1, 2])
+def test_chunk_addresses_of_intermediate_chunks_match_python(c_impl, children, level):
+    # A level of intermediate chunks: payloads of up to 128 child addresses, each full
+    # chunk spanning 128**level data chunks, the last one what is left of the file.
+    payloads = os.urandom(32 * children)
+    chunk_span = CS * swarm.BRANCHES**level
+    n = -(-children // swarm.BRANCHES)
+    for total in ((n - 1) * chunk_span + 1, n * chunk_span - 7, n * chunk_span):
+        expected = _one_by_one_py(payloads, chunk_span, total)
+        assert swarm.chunk_addresses(payloads, chunk_span, total) == expected
+
+
+def test_chunk_addresses_refuse_spans_that_do_not_fit():
+    with pytest.raises(ValueError):
+        swarm.chunk_addresses(bytes(2 * CS), CS, CS)  # 2 chunks cannot span 1 chunk's bytes
+    with pytest.raises(ValueError):
+        swarm.chunk_addresses(bytes(CS), CS, CS + 1)
+
+
+@pytest.mark.parametrize("n_chunks", [2, 129, 128 * 2 + 1, 128 * 128 + 1])
+def test_reference_from_leaves_sinks_the_splitters_intermediate_chunks(n_chunks):
+    data = os.urandom(n_chunks * CS - 3)
+    from_splitter: list[tuple[bytes, int, bytes]] = []
+    swarm.reference_of_bytes(data, lambda a, s, p: from_splitter.append((a, s, p)))
+    rebuilt: list[tuple[bytes, int, bytes]] = []
+    swarm.reference_from_leaves(
+        swarm.leaf_addresses(data), len(data), lambda a, s, p: rebuilt.append((a, s, p))
+    )
+    intermediates = [c for c in from_splitter if c[1] > CS]
+    assert sorted(rebuilt) == sorted(intermediates)
+
+
+@pytest.mark.parametrize("length", [1, CS, CS + 1, (1 << 20) - 1, 1 << 20])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_stream_shares_cover_the_block_in_whole_chunks(length, parts):
+    from bootlink.client.sources.swarm import _shares
+
+    shares = _shares(length, parts)
+    assert len(shares) <= parts
+    assert [off for off, _ in shares] == [sum(n for _, n in shares[:i]) for i in range(len(shares))]
+    assert sum(n for _, n in shares) == length
+    assert all(n % CS == 0 for _, n in shares[:-1])
+
+
 def test_reference_from_leaves_refuses_wrong_count():
     with pytest.raises(ValueError):
         swarm.reference_from_leaves(bytes(64), CS)  # 2 addresses, but 1 chunk of data

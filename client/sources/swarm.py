@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from ._http import HttpClient, HttpError, TooLarge, error_text
 log = logging.getLogger("bootlink.sources.swarm")
 
 DEFAULT_WORKERS = 32
-STREAM_BLOCK = 1 << 20  # bytes received per buffer and hashed per job in stream mode
+STREAM_BLOCK = 1 << 20  # bytes received and written per buffer in stream mode
 MODES = ("stream", "chunks")
 
 
@@ -273,62 +274,28 @@ def _fetch_stream(
     every chunk, data and intermediate, is the one the reference commits to (keccak256's
     collision resistance, as for any Merkle tree). Only when it differs is the tree
     fetched, to name the chunk that is wrong. Nothing is renamed into place before.
-
-    This thread only receives, into a few reused 1 MiB buffers; hashing (the C helper,
-    without the GIL, straight into `computed`) and writing each buffer out are the
-    hashers' job, so receiving, hashing and the server run at once on separate cores.
     """
     n_leaves = -(-span // swarm.CHUNK_SIZE)
     url = bee.http.url(f"/bytes/{root.hex()}")
-    stream = HttpClient(bee.http.base, bee.http.timeout)
     computed = bytearray(32 * n_leaves)
-    hashers = max(2, os.cpu_count() or 2)
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(hashers + 2):
-        free.put(bytearray(STREAM_BLOCK))
-
-    def digest(buf: bytearray, start: int, length: int) -> None:
-        try:
-            swarm.leaf_addresses_into(buf, 0, length, computed, 32 * (start // swarm.CHUNK_SIZE))
-            view = memoryview(buf)[:length]
-            while view:  # a regular file takes it all at once, barring errors
-                n = os.pwrite(fd, view, start)
-                view, start = view[n:], start + n
-        finally:
-            free.put(buf)  # even after a failed write, or the receiver would wait forever
-
+    # The root chunk came on this thread's keep-alive connection: the stream reuses it
+    # (no second connect, no second server thread), and it stays usable if read to the end.
     try:
-        resp = stream.request("GET", f"/bytes/{root.hex()}")
+        resp = bee.http.request("GET", f"/bytes/{root.hex()}")
     except HttpError as exc:
         raise SwarmChunkError(f"{exc}; try another --bee or --swarm-mode chunks") from None
     if resp.status != 200:
         body = resp.read(4096)
-        stream.close()
+        bee.http.close()
         raise SwarmChunkError(
             f"{url}: HTTP {resp.status} {error_text(body)}; try another --bee "
             "or --swarm-mode chunks"
         )
     try:
-        with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
-            jobs: list[Future] = []
-            for start in range(0, span, STREAM_BLOCK):
-                want = min(STREAM_BLOCK, span - start)
-                buf = free.get()
-                got = _read_into(resp, memoryview(buf)[:want], url, start)
-                if got != want:
-                    raise SwarmChunkError(
-                        f"{url}: stream ended at byte {start + got} of {span}: "
-                        "truncated; retry or try another --bee"
-                    )
-                jobs.append(pool.submit(digest, buf, start, want))
-                if prog:
-                    prog.advance(want)
-                while jobs and jobs[0].done():
-                    jobs.pop(0).result()  # surface a failed write early
-            for job in jobs:
-                job.result()
-    finally:
-        stream.close()  # whatever is left unread on the connection is not reused
+        _receive_and_hash(resp, fd, span, computed, url, prog)
+    except BaseException:
+        bee.http.close()  # whatever is left unread on the connection is not reused
+        raise
     intermediates = 0
 
     def counted(_addr: bytes, _span: int, _payload: bytes) -> None:
@@ -341,6 +308,115 @@ def _fetch_stream(
     raise SwarmChunkError(  # unreachable unless keccak256 collides
         f"swarm:{root.hex()} from {url} does not hash to its reference; try another --bee"
     )
+
+
+def _receive_and_hash(
+    resp: http.client.HTTPResponse,
+    fd: int,
+    span: int,
+    computed: bytearray,
+    url: str,
+    prog: Progress | None,
+) -> None:
+    """Receive the stream into a few reused buffers; hashers hash and write them out.
+
+    All of it is CPU-bound on the cores the node and the kernel use too, so each byte is
+    copied once from the socket and once into the file, nothing else, and this thread
+    only receives (with more to do it would fall behind: the scheduler gives it no more
+    than the hashers). Each block is cut into one share per hasher, so both cores work
+    on the last block too; a share is hashed (the C helper, without the GIL, straight
+    into `computed`) and then written. Writes take turns on a lock: two pwrites into one
+    tmpfs file at once spin on its inode lock instead of sleeping. A buffer is reused
+    once all its shares are done.
+    """
+    hashers = max(2, os.cpu_count() or 2)
+    buffers = _BUFFERS.take(hashers + 1)
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for buf in buffers:
+        free.put(buf)
+    write_lock = threading.Lock()
+
+    def digest(buf: bytearray, off: int, length: int, start: int) -> None:
+        swarm.leaf_addresses_into(buf, off, length, computed, 32 * (start // swarm.CHUNK_SIZE))
+        with write_lock:
+            _write_all(fd, memoryview(buf)[off : off + length], start)
+
+    with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
+        pending: deque[Future] = deque()
+        for start in range(0, span, STREAM_BLOCK):
+            want = min(STREAM_BLOCK, span - start)
+            buf = free.get()
+            got = _read_into(resp, memoryview(buf)[:want], url, start)
+            if got != want:
+                raise SwarmChunkError(
+                    f"{url}: stream ended at byte {start + got} of {span}: "
+                    "truncated; retry or try another --bee"
+                )
+            jobs = [
+                pool.submit(digest, buf, off, n, start + off) for off, n in _shares(want, hashers)
+            ]
+            _recycle_when_done(jobs, buf, free)
+            pending.extend(jobs)
+            if prog:
+                prog.advance(want)
+            while pending and pending[0].done():
+                pending.popleft().result()  # surface a failed write early
+        for job in pending:
+            job.result()
+    _BUFFERS.give_back(buffers)  # only now: no job reads them any more
+
+
+class _BufferPool:
+    """Receive buffers kept from one stream fetch to the next (a boot fetches kernel,
+    initrd and more in a row): a fresh 1 MiB buffer costs 256 page faults and a memset
+    before the first byte can be received, serially, ~0.4 ms each."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> list[bytearray]:
+        with self._lock:
+            got, self._idle = self._idle[:n], self._idle[n:]
+        return got + [bytearray(STREAM_BLOCK) for _ in range(n - len(got))]
+
+    def give_back(self, bufs: list[bytearray]) -> None:
+        with self._lock:
+            self._idle.extend(bufs[: self._keep - len(self._idle)])
+
+
+_BUFFERS = _BufferPool(keep=4)
+
+
+def _shares(length: int, parts: int) -> list[tuple[int, int]]:
+    """(offset, bytes) of up to `parts` runs of whole chunks that make up `length` bytes."""
+    per = -(-length // swarm.CHUNK_SIZE // parts) * swarm.CHUNK_SIZE
+    return [(off, min(per, length - off)) for off in range(0, length, per)]
+
+
+def _recycle_when_done(jobs: list[Future], buf: bytearray, free: queue.SimpleQueue) -> None:
+    """Put `buf` back on the free list once every job reading it has finished (or failed,
+    or the receiver would wait for it forever)."""
+    left = len(jobs)
+    lock = threading.Lock()
+
+    def done(_job: Future) -> None:
+        nonlocal left
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            free.put(buf)
+
+    for job in jobs:
+        job.add_done_callback(done)
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:  # a regular file takes it all at once, barring errors
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _name_bad_leaf(
