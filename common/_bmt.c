@@ -184,7 +184,11 @@ static inline __attribute__((always_inline)) void load_v2u64(const uint8_t *cons
 #define RCV_v2u64(x) SPLAT(v2u64, x)
 /* With AVX-512 the fully unrolled rounds (~3000 instructions) keep the state in the 32
  * registers with no moves between rounds: +20%. With fewer registers it only spills
- * more, and the loop stays. Each function has one permutation site, for the i-cache. */
+ * more, and the loop stays. Each function has one permutation site, for the i-cache.
+ * This runs at ~35 cycles per 8-way round on the Zen 5 here (~1.1 GB/s of chunks per
+ * core). Tried without gain: the round with intrinsics (two vpternlogq per theta column,
+ * one per lane for A ^ C[x-1] ^ rol(C[x+1], 1), 90 instructions instead of ~113), and
+ * a generated spill-free assembler round with fixed registers: both 35-38 cycles. */
 #define UNROLL_v8u64 _Pragma("GCC unroll 24")
 #define UNROLL_v4u64
 #define UNROLL_v2u64
