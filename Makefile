@@ -12,7 +12,7 @@ APT_PACKAGES := python3 python3-venv python3-pip python3-libnbd python3-cryptogr
 	python3-pycryptodome python3-pycdlib iproute2 nbdkit nbd-client libnbd-bin kmod \
 	qemu-system-x86 qemu-utils ovmf mmdebstrap zstd cpio busybox-static kexec-tools \
 	mtools dosfstools fdisk e2fsprogs ipfs-cid systemd-boot-efi binutils syslinux \
-	syslinux-common isolinux xorriso systemd time gcc
+	syslinux-common isolinux xorriso systemd time gcc squashfs-tools
 
 .PHONY: deps test test-qemu demo lint bench
 deps: $(STAMP)

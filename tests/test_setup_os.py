@@ -115,6 +115,7 @@ def test_dry_run_lists_every_change_and_writes_nothing(tmp_path, laptop, capsys)
         setup_os.NM_CONF,
         "/etc/initramfs-tools/hooks/bootlink",
         "/etc/initramfs-tools/scripts/local-top/bootlink",
+        "/etc/initramfs-tools/scripts/local-bottom/bootlink",
         "/var/lib/bootlink/vmlinuz",
         "/var/lib/bootlink/ramdisk.img",
     ):

@@ -181,3 +181,61 @@ def test_whole_chain_boots_the_hooked_initrd(artifacts, hooked_initrd, tmp_path,
     assert artifacts.disk.marker in res.marker
     assert "root=/dev/nbd0p1 ext4" in res.marker, res.marker
     print(f"{hooked_initrd.name} milestones:", res.milestones)
+
+
+ROOTFS_INIT = """#!/bin/busybox sh
+# The image's root: show what / is and that it can be written, then power off.
+/bin/busybox mount -t proc proc /proc
+root=$(/bin/busybox awk '$2 == "/" {print $1, $3}' /proc/mounts | /bin/busybox tail -n 1)
+echo written >/probe && w=$(/bin/busybox cat /probe)
+echo "bootlink-rootfs-test {token} root=$root write=$w"
+/bin/busybox poweroff -f
+"""
+
+
+def test_initrd_boots_an_image_root_squashfs(hooked_initrd, tmp_path):
+    """A published image with a root squashfs: kexec.attach_rootfs appends it to the
+    hooked initrd (as the client does before kexec) and the initrd makes it the root,
+    read-only squashfs under a writable tmpfs overlay."""
+    from bootlink.common import kexec
+    from bootlink.common.bootimage import BootImage, Provenance, sha256_file
+
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("needs squashfs-tools")
+    kernel = fetch_kernel(CACHE)
+    tree = tmp_path / "tree"
+    for d in ("bin", "sbin", "dev", "proc", "sys", "run", "tmp", "etc", "usr/lib"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy2(target.BUSYBOX, tree / "bin" / "busybox")
+    os.symlink("busybox", tree / "bin" / "sh")
+    token = os.urandom(8).hex()
+    (tree / "sbin" / "init").write_text(ROOTFS_INIT.replace("{token}", token))
+    (tree / "sbin" / "init").chmod(0o755)
+    # a systemd initrd (dracut's) switches only into a tree that names its OS
+    (tree / "etc" / "os-release").write_text('NAME="bootlink rootfs test"\nID=bootlink-test\n')
+    squash = tmp_path / "rootfs.squashfs"
+    subprocess.run(
+        ["mksquashfs", str(tree), str(squash), "-quiet", "-noappend", "-all-root"], check=True
+    )
+    image = BootImage(
+        label="rootfs-image",
+        kernel=kernel.vmlinuz,
+        initrd=hooked_initrd,
+        cmdline=e2e.TARGET_CMDLINE,
+        provenance=Provenance("test", "qemu", "test"),
+        initrd_sha256=sha256_file(hooked_initrd),
+        extra={"rootfs": str(squash), "rootfs_sha256": sha256_file(squash)},
+    )
+    image = kexec.attach_rootfs(image, tmp_path)
+    console = tmp_path / "console.log"
+    with qemu.namespace() as ns:
+        vm = qemu.VM(kernel.vmlinuz, image.initrd, image.cmdline, [], ns, log_path=console)
+        with vm:
+            line = vm.wait_for(
+                f"bootlink-rootfs-test {token}",
+                240,
+                fail=r"Kernel panic|[Ee]mergency|rescue|Gave up waiting|\(initramfs\)",
+            )
+    assert "root=bootlink-root overlay" in line.text, line.text
+    assert "write=written" in line.text, line.text
+    print(f"{hooked_initrd.name}: rootfs marker after {line.t:.1f} s")

@@ -7,3 +7,9 @@ if [ -n "$(getarg bootlink.nbd_host=)" ]; then
     info "bootlink: NBD root requested; attaching once udev has settled"
     /sbin/initqueue --settled --onetime --unique --name bootlink-nbd /sbin/bootlink-nbd
 fi
+
+# A root squashfs is mounted by dracut-bootlink-generator, a systemd generator: without
+# systemd in the initrd nothing would mount it, so say so instead of hanging.
+if [ -n "$(getarg bootlink.rootfs=)" ] && [ ! -d /run/systemd/system ]; then
+    die "bootlink: a root squashfs needs a systemd initrd: add dracut's systemd module"
+fi
