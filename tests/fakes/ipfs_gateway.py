@@ -76,12 +76,10 @@ class IpfsState:
         for c, block in self.walk(cid):
             if c.codec == ipfs.RAW:
                 yield block
-            else:  # views into the stored block, as kubo does not copy either
-                _links, pb_data = ipfs._pb_node_fields(block)
-                if pb_data:
-                    data = ipfs._unixfs_fields(pb_data)[1]
-                    if data:
-                        yield data
+            else:  # a view into the stored block, as kubo does not copy either
+                data = ipfs.decode_file_node(block).data
+                if data:
+                    yield data
 
 
 class GatewayHandler(BaseHTTPRequestHandler):
