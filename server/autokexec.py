@@ -119,6 +119,12 @@ def served_cmdline(cfg: Config, running_cmdline: str) -> str:
     return " ".join(w for w in running_cmdline.split() if not w.startswith(drop))
 
 
+def console_words(running_cmdline: str) -> list[str]:
+    """The running system's console= arguments: the ramdisk shows its progress (and its
+    errors) where this laptop's own boot did, e.g. a serial console, not only on tty0."""
+    return [w for w in running_cmdline.split() if w.startswith("console=")]
+
+
 def usb_id_of(ifname: str, sysfs: Path = Path("/sys")) -> str | None:
     """vendor:product of the USB device behind a NIC, from sysfs (None if not USB)."""
     dev = sysfs / "class" / "net" / ifname / "device"
@@ -239,7 +245,9 @@ def plan_server(cfg: Config, key: SharedKey, running_cmdline: str) -> ServerPlan
     )
     data = to_dict(served)
     data.pop("autokexec", None)  # means nothing inside the ramdisk
-    cmdline = " ".join([SERVER_CMDLINE, *shlex.split(ak.extra_cmdline)])
+    cmdline = " ".join(
+        [SERVER_CMDLINE, *console_words(running_cmdline), *shlex.split(ak.extra_cmdline)]
+    )
     return ServerPlan(
         ramdisk_kernel=Path(ak.ramdisk_kernel),
         ramdisk_initrd=Path(ak.ramdisk_initrd),
@@ -319,8 +327,11 @@ def kexec_executor(image: BootImage) -> None:
         # A clean shutdown (filesystems unmounted) whose last step is the loaded kernel.
         proc = subprocess.run(["systemctl", "kexec"], capture_output=True, text=True)
         if proc.returncode == 0:
-            time.sleep(120)  # systemd is taking us down; the kexec follows
-            raise BootlinkError("systemctl kexec returned but the system is still running")
+            # The kexec job is queued and systemd now stops every service, this one too:
+            # exit rather than wait (a waiting service holds the shutdown up to its stop
+            # timeout, 90 s).
+            log.info("systemd is shutting down into the ramdisk")
+            return
         log.warning("systemctl kexec failed (%s); kexec directly", proc.stderr.strip())
     kexec.execute()
 

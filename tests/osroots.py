@@ -1,7 +1,9 @@
 """Throwaway Debian roots for `setup-server-os --root` tests: the laptop's normal OS.
 
 Two flavours, as a Debian laptop would have them: one whose initrd comes from
-initramfs-tools, one from dracut (with systemd, as Debian's dracut systems have). Each
+initramfs-tools, one from dracut (with systemd, as Debian's dracut systems have); and a
+third, "laptop", that also has what bootlink itself runs on (python3 and its libraries,
+kexec-tools), booted whole by the autokexec QEMU test. Each
 gets the test kernel (from the ramdisk build's cache: no linux-image postinst runs) and
 an initial initrd made by its own generator, so that "regenerate" means what it means on
 a real install. Built with mmdebstrap once per inputs and cached under cache/osroots/.
@@ -26,6 +28,21 @@ COMMON = ("nbd-client", "iproute2", "kmod", "udev", "zstd", "busybox", "e2fsprog
 FLAVOURS = {
     "initramfs-tools": ("initramfs-tools", "network-manager", *COMMON),
     "dracut": ("dracut", "systemd", "systemd-sysv", *COMMON),
+    # A laptop that runs bootlink itself (autokexec): systemd, Debian's python3 with the
+    # libraries bootlink needs, kexec-tools.
+    "laptop": (
+        "dracut",
+        "systemd",
+        "systemd-sysv",
+        "python3",
+        "python3-cryptography",
+        "python3-yaml",
+        "python3-pyroute2",
+        "python3-psutil",
+        "python3-libnbd",
+        "kexec-tools",
+        *COMMON,
+    ),
 }
 
 

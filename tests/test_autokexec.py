@@ -130,6 +130,19 @@ def test_missing_ramdisk_refused_at_start_with_the_fix(files):
         ak.plan_server(cfg, key, "root=x")
 
 
+def test_the_ramdisk_keeps_the_laptops_console(files):
+    """A laptop booted with console=ttyS0 sees the ramdisk server there too, after its own
+    extra_cmdline (its own console= last, so it wins)."""
+    cfg = parse_config(files.config_text(extra_cmdline="console=tty1"))
+    plan = ak.plan_server(
+        cfg, load_key_file(files.key), "root=x console=tty0 console=ttyS0,115200 quiet"
+    )
+    assert plan.cmdline == (
+        "bootlink.role=server bootlink.config=/etc/bootlink/config.yaml "
+        "console=tty0 console=ttyS0,115200 console=tty1"
+    )
+
+
 def test_on_the_desktop_it_arms_nothing(files, tmp_path):
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True)
@@ -232,8 +245,9 @@ def wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float 
 
 
 def check_record(rec: dict, files: LaptopFiles, reason: str) -> dict[str, tuple[int, bytes]]:
-    assert (
-        rec["cmdline"] == f"bootlink.role=server bootlink.config=/etc/bootlink/config.yaml {EXTRA}"
+    consoles = ak.console_words(Path("/proc/cmdline").read_text())  # this machine's own
+    assert rec["cmdline"] == " ".join(
+        ["bootlink.role=server bootlink.config=/etc/bootlink/config.yaml", *consoles, EXTRA]
     )
     assert rec["kernel"] == str(files.rk)
     assert rec["kernel_sha256"] == hashlib.sha256(files.rk.read_bytes()).hexdigest()
