@@ -79,6 +79,7 @@ class Laptop:
     vmlinuz: Path
     initrd: Path
     fs_uuid: str
+    ramdisk: e2e.Artifacts  # the ramdisk it kexecs into (and a desktop boots as client)
 
     def cmdline(self) -> str:
         return f"root=UUID={self.fs_uuid} rw console=ttyS0 loglevel=5 panic=-1"
@@ -90,7 +91,9 @@ class Laptop:
 
 def install_bootlink(root: Path) -> None:
     """bootlink into the root's /usr/local, as `pip install --no-deps` would put it."""
-    site = root / "usr/local/lib/python3.11/dist-packages"
+    # the root's own python3.X (the host's Debian python builds the C helpers: same release)
+    [pyver] = [p.name for p in (root / "usr/lib").glob("python3.*") if p.name[8:].isdigit()]
+    site = root / "usr/local/lib" / pyver / "dist-packages"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
          "--target", str(site), str(REPO)],
@@ -106,7 +109,7 @@ def laptop(tmp_path_factory) -> Laptop:
         pytest.skip("needs e2fsprogs")
     work = tmp_path_factory.mktemp("laptop")
     ramdisk_dir = work / "ramdisk"
-    e2e.prepare(CACHE, ramdisk_dir)
+    art = e2e.prepare(CACHE, ramdisk_dir)
     pristine, kernel = osroots.os_root("laptop", CACHE)
     root = osroots.copy_root(pristine, work / "root")
     fs_uuid = str(uuid.uuid4())
@@ -144,7 +147,7 @@ def laptop(tmp_path_factory) -> Laptop:
         )  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return Laptop(disk, key, vmlinuz, initrd, fs_uuid)
+    return Laptop(disk, key, vmlinuz, initrd, fs_uuid, art)
 
 
 def laptop_vm(laptop: Laptop, disk: Path, ns: qemu.Namespace, console: Path) -> qemu.VM:
@@ -193,7 +196,7 @@ def test_desktop_vm_runs_the_laptops_os_over_the_link(laptop, tmp_path):
     ramdisk as client, finds it, kexecs the laptop's kernel, and the laptop's own systemd
     runs on the desktop with its root on /dev/nbd0."""
     disk = laptop.boot_copy(tmp_path / "laptop.img")
-    art = e2e.prepare(CACHE, tmp_path / "ramdisk")
+    art = laptop.ramdisk
     guest_cfg = config_from_dict(
         {"key": str(laptop.key), "client": {"timeout": 180, "menu_timeout": 0}}, source="desktop"
     )
