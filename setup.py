@@ -40,9 +40,10 @@ setup(
         "iso": ["pycdlib>=1.11"],
     },
     entry_points={"console_scripts": ["bootlink = bootlink.cli:main"]},
-    # Plain C helpers loaded with ctypes (no Python.h needed), both optional: without a
-    # compiler Swarm's BMT hashing falls back to pycryptodome (~15x slower) and EAX's
-    # MAC chains to OpenSSL's CBC, one frame per core (~6x slower).
+    # Plain C helpers loaded with ctypes (no Python.h needed), all optional: without a
+    # compiler Swarm's BMT hashing falls back to pycryptodome (~15x slower), EAX's
+    # MAC chains to OpenSSL's CBC, one frame per core (~6x slower), and IPFS block
+    # checks to hashlib, one block at a time (~2x slower).
     ext_modules=[
         Extension(
             f"bootlink.common.{name}",
@@ -50,6 +51,6 @@ setup(
             optional=True,
             extra_compile_args=["-O3"],
         )
-        for name in ("_bmt", "_omac")
+        for name in ("_bmt", "_omac", "_sha256mb")
     ],
 )

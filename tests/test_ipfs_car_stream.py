@@ -191,3 +191,25 @@ def test_section_span_parses_only_complete_prefixes():
         ipfs.car_section_span(memoryview(ipfs.encode_varint(3 << 20)), 0, 4)
     with pytest.raises(ipfs.IpfsFormatError, match="empty"):
         ipfs.car_section_span(memoryview(b"\0"), 0, 1)
+
+
+@pytest.mark.parametrize("which", [3, 20, -2])
+def test_bad_block_named_in_a_batch_hashed_in_lanes(car_server, monkeypatch, tmp_path, which):
+    """Batches of ~20 blocks: their SHA-256s are computed side by side (sha256_lanes)
+    and the bad one, in whichever lane, is still the one named."""
+    monkeypatch.setattr(ipfs_src, "CAR_BUFFER", 40000)
+    monkeypatch.setattr(ipfs_src, "CAR_BATCH", 20000)
+    monkeypatch.setattr(ipfs_src, "_SPARE", [])
+    answer, url = car_server
+    data = os.urandom(60000)
+    root, blocks = _dag(data, TINY)
+    answer["car"] = _Car(ipfs.encode_car([root], blocks))
+    _fetch(url, root, tmp_path)
+    assert (tmp_path / "o").read_bytes() == data
+    cid, block = blocks[which]
+    blocks[which] = (cid, block[:-1] + bytes([block[-1] ^ 1]))
+    answer["car"] = _Car(ipfs.encode_car([root], blocks))
+    (tmp_path / "o").unlink()
+    with pytest.raises(ipfs_src.IpfsBlockError, match=f"ipfs block {cid} .*does not match"):
+        _fetch(url, root, tmp_path)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.part").exists()
