@@ -14,7 +14,8 @@ import ctypes
 import functools
 import os
 from collections.abc import Sequence
-from pathlib import Path
+
+from .native import load_helper
 
 LANES = 8  # MAX_LANES in _omac.c: eight AESENCs in flight hide the instruction's latency
 BLOCK = 16
@@ -24,23 +25,14 @@ BLOCK = 16
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("BOOTLINK_OMAC_OPENSSL"):  # lets the tests and benchmarks compare
         return None
-    for candidate in sorted(Path(__file__).resolve().parent.glob("_omac*.so")):
-        try:
-            lib = ctypes.CDLL(str(candidate))  # CDLL calls release the GIL
-        except OSError:
-            continue
-        lib.omac_available.argtypes = []
-        lib.omac_available.restype = ctypes.c_int
-        lib.omac_cbc_lanes.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        lib.omac_cbc_lanes.restype = ctypes.c_int
-        return lib if lib.omac_available() == 1 else None
-    return None
+    lib = load_helper("_omac")
+    if lib is None:
+        return None
+    lib.omac_available.argtypes = []
+    lib.omac_available.restype = ctypes.c_int
+    lib.omac_cbc_lanes.argtypes = [ctypes.c_char_p, ctypes.c_int] + [ctypes.c_void_p] * 3
+    lib.omac_cbc_lanes.restype = ctypes.c_int
+    return lib if lib.omac_available() == 1 else None
 
 
 def available() -> bool:

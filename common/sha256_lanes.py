@@ -14,7 +14,8 @@ import functools
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
+
+from .native import load_helper
 
 # Fewer messages than this in a call: hashlib is faster than half-empty vector lanes.
 MIN_LANES = 8
@@ -24,18 +25,15 @@ MIN_LANES = 8
 def _library() -> tuple[ctypes.CDLL, int] | None:
     if os.environ.get("BOOTLINK_SHA256_HASHLIB"):  # lets the tests and benchmarks compare
         return None
-    for candidate in sorted(Path(__file__).resolve().parent.glob("_sha256mb*.so")):
-        try:
-            lib = ctypes.CDLL(str(candidate))  # CDLL calls release the GIL
-        except OSError:
-            continue
-        lib.sha256_lanes_width.argtypes = []
-        lib.sha256_lanes_width.restype = ctypes.c_int
-        lib.sha256_lanes.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3
-        lib.sha256_lanes.restype = ctypes.c_int
-        width = lib.sha256_lanes_width()
-        return (lib, width) if width >= MIN_LANES else None
-    return None
+    lib = load_helper("_sha256mb")
+    if lib is None:
+        return None
+    lib.sha256_lanes_width.argtypes = []
+    lib.sha256_lanes_width.restype = ctypes.c_int
+    lib.sha256_lanes.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3
+    lib.sha256_lanes.restype = ctypes.c_int
+    width = lib.sha256_lanes_width()
+    return (lib, width) if width >= MIN_LANES else None
 
 
 def width() -> int:

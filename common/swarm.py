@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BootlinkError
+from .native import load_helper
 
 CHUNK_SIZE = 4096
 SEGMENT_SIZE = 32
@@ -48,40 +49,34 @@ def _load_pycryptodome_keccak():
 def _load_c_library() -> ctypes.CDLL | None:
     if os.environ.get("BOOTLINK_SWARM_PURE_PYTHON"):
         return None
-    here = Path(__file__).resolve().parent
-    for candidate in sorted(here.glob("_bmt*.so")):
-        try:
-            lib = ctypes.CDLL(str(candidate))
-        except OSError:
-            continue
-        lib.bmt_chunk_address.argtypes = [
-            ctypes.c_uint64,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-            ctypes.c_char_p,
-        ]
-        lib.bmt_chunk_address.restype = ctypes.c_int
-        lib.bmt_keccak256.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
-        lib.bmt_keccak256.restype = None
-        if not hasattr(lib, "bmt_chunk_addresses"):
-            continue  # a stale build from an older bootlink: ignore it
-        # c_void_p: bytes (leaf_addresses) and ctypes arrays over bytearrays (_into) alike
-        lib.bmt_leaf_addresses.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        lib.bmt_leaf_addresses.restype = None
-        lib.bmt_chunk_addresses.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_uint64,
-            ctypes.c_uint64,
-            ctypes.c_void_p,
-        ]
-        lib.bmt_chunk_addresses.restype = None
-        lib.bmt_set_impl.argtypes = [ctypes.c_int]
-        lib.bmt_set_impl.restype = ctypes.c_int
-        lib.bmt_impl_name.argtypes = []
-        lib.bmt_impl_name.restype = ctypes.c_char_p
-        return lib
-    return None
+    lib = load_helper("_bmt")
+    if lib is None or not hasattr(lib, "bmt_chunk_addresses"):
+        return None  # not built, or a stale build from an older bootlink
+    lib.bmt_chunk_address.argtypes = [
+        ctypes.c_uint64,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+    ]
+    lib.bmt_chunk_address.restype = ctypes.c_int
+    lib.bmt_keccak256.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
+    lib.bmt_keccak256.restype = None
+    # c_void_p: bytes (leaf_addresses) and ctypes arrays over bytearrays (_into) alike
+    lib.bmt_leaf_addresses.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.bmt_leaf_addresses.restype = None
+    lib.bmt_chunk_addresses.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_uint64,
+        ctypes.c_uint64,
+        ctypes.c_void_p,
+    ]
+    lib.bmt_chunk_addresses.restype = None
+    lib.bmt_set_impl.argtypes = [ctypes.c_int]
+    lib.bmt_set_impl.restype = ctypes.c_int
+    lib.bmt_impl_name.argtypes = []
+    lib.bmt_impl_name.restype = ctypes.c_char_p
+    return lib
 
 
 _LIB = _load_c_library()
