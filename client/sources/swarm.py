@@ -1,7 +1,7 @@
 """Swarm source: fetch a file chunk by chunk from a Bee node and verify every chunk.
 
-The Bee node is not trusted. Each chunk is requested as `GET /chunks/{address}` (many in
-flight on keep-alive connections), and its address is recomputed from the span and
+The Bee node is not trusted. Each chunk is requested as `GET /chunks/{address}` (128 in
+flight, pipelined on two keep-alive connections: _pipeline.py), and its address is recomputed from the span and
 payload received (BMT/keccak256, `common/swarm.py`). A chunk that does not hash to the
 address we asked for is refused, naming the chunk and the node. The tree's shape is
 checked too (each child's span is implied by its parent's), so a node cannot truncate
@@ -22,13 +22,15 @@ reference is the plain BMT root we computed offline, and checks that it is.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import os
 import queue
 import threading
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +38,12 @@ from bootlink.common import swarm
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.log import Progress
 
+from . import _pipeline
 from ._http import HttpClient, HttpError, TooLarge, error_text
 
 log = logging.getLogger("bootlink.sources.swarm")
 
-DEFAULT_WORKERS = 32
+DEFAULT_WORKERS = 128  # chunk requests in flight, pipelined over _pipeline.CONNECTIONS
 STREAM_BLOCK = 1 << 20  # bytes received and written per buffer in stream mode
 MODES = ("stream", "chunks")
 
@@ -71,32 +74,61 @@ class BeeClient:
         status, body = self.http.get_bounded(
             f"/chunks/{addr.hex()}", swarm.SPAN_SIZE + swarm.CHUNK_SIZE
         )
-        if status == 404:
-            raise SwarmChunkError(
-                f"swarm chunk {addr.hex()} not found on {self.url}: the node cannot "
-                "retrieve it (not uploaded, or not synced yet); try later or another --bee"
-            )
-        if status != 200:
-            raise SwarmChunkError(
-                f"swarm chunk {addr.hex()} from {self.url}: HTTP {status} "
-                f"{error_text(body)}; try another --bee"
-            )
-        try:
-            span, payload = swarm.unpack_chunk(body)
-        except ValueError as exc:
-            raise SwarmChunkError(
-                f"swarm chunk {addr.hex()} from {self.url} is malformed ({exc}): "
-                "the node is lying or corrupt; try another --bee"
-            ) from None
-        if swarm.chunk_address(span, payload) != addr:
-            raise SwarmChunkError(
-                f"swarm chunk {addr.hex()} from {self.url} does not hash to its address: "
-                "the node is lying or corrupt; try another --bee"
-            )
-        return span, payload
+        return verified_chunk(addr, status, body, self.url)
+
+    def each_chunk(
+        self,
+        items: list[tuple],
+        handle: Callable[[tuple, int, bytes], list[tuple]],
+        in_flight: int = DEFAULT_WORKERS,
+    ) -> int:
+        """GET /chunks/{item[0]} for every item, and every item handle() returns, with
+        `in_flight` requests pipelined over a few connections (_pipeline.py).
+        handle(item, span, payload) gets each chunk once it is proven to be the chunk
+        at its address; the number of chunks handled."""
+        connections = max(1, min(_pipeline.CONNECTIONS, in_flight))
+        return _pipeline.get_all(
+            self.http.base,
+            items,
+            lambda item: f"/chunks/{item[0].hex()}",
+            lambda item, status, body: handle(
+                item, *verified_chunk(item[0], status, body, self.url)
+            ),
+            limit=swarm.SPAN_SIZE + swarm.CHUNK_SIZE,
+            timeout=self.http.timeout,
+            connections=connections,
+            depth=max(1, in_flight // connections),
+        )
 
     def close(self) -> None:
         self.http.close()
+
+
+def verified_chunk(addr: bytes, status: int, body: bytes, url: str) -> tuple[int, bytes]:
+    """(span, payload) of the answer to GET /chunks/{addr}, proven to be that chunk."""
+    if status == 404:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} not found on {url}: the node cannot "
+            "retrieve it (not uploaded, or not synced yet); try later or another --bee"
+        )
+    if status != 200:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} from {url}: HTTP {status} "
+            f"{error_text(body)}; try another --bee"
+        )
+    try:
+        span, payload = swarm.unpack_chunk(body)
+    except ValueError as exc:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} from {url} is malformed ({exc}): "
+            "the node is lying or corrupt; try another --bee"
+        ) from None
+    if swarm.chunk_address(span, payload) != addr:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} from {url} does not hash to its address: "
+            "the node is lying or corrupt; try another --bee"
+        )
+    return span, payload
 
 
 def fetch(
@@ -168,24 +200,13 @@ def _fetch_tree(
     workers: int,
     prog: Progress | None,
 ) -> int:
-    """Breadth-first over the tree with up to `workers` chunk requests in flight."""
+    """Every chunk via /chunks/{addr}, pipelined on a few connections (_pipeline.py):
+    each response is verified as it arrives; a data chunk is written at its offset,
+    an intermediate chunk's children are requested next."""
     lock = threading.Lock()
-    count = 1
 
-    def children(addr: bytes, span: int, payload: bytes, base: int) -> list[tuple]:
-        try:
-            layout = list(swarm.children_layout(span, len(payload)))
-        except ValueError as exc:
-            raise SwarmChunkError(
-                f"swarm chunk {addr.hex()} from {bee.url} is not a valid intermediate chunk "
-                f"({exc}); the reference is not a plain file"
-            ) from None
-        return [
-            (payload[i * 32 : i * 32 + 32], base + off, sub) for i, (off, sub) in enumerate(layout)
-        ]
-
-    def job(addr: bytes, offset: int, expected: int) -> list[tuple]:
-        got_span, got = bee.chunk(addr)
+    def handle(item: tuple[bytes, int, int], got_span: int, got: bytes) -> list[tuple]:
+        addr, offset, expected = item
         if got_span != expected:
             raise SwarmChunkError(
                 f"swarm chunk {addr.hex()} from {bee.url} spans {got_span} bytes where its "
@@ -197,23 +218,9 @@ def _fetch_tree(
                 with lock:
                     prog.advance(got_span)
             return []
-        return children(addr, got_span, got, offset)
+        return _children(addr, got_span, got, offset, bee.url)
 
-    todo = children(root, span, payload, 0)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swarm") as pool:
-        pending: set[Future] = set()
-        try:
-            while todo or pending:
-                while todo and len(pending) < workers * 4:
-                    pending.add(pool.submit(job, *todo.pop()))
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    todo.extend(fut.result())
-                    count += 1
-        finally:
-            for fut in pending:
-                fut.cancel()
-    return count
+    return 1 + bee.each_chunk(_children(root, span, payload, 0, bee.url), handle, workers)
 
 
 def _leaf_addresses(
@@ -221,40 +228,50 @@ def _leaf_addresses(
 ) -> tuple[list[tuple[bytes, int, int]], int]:
     """Verified (address, offset, span) of every data chunk, in file order.
 
-    Walks the intermediate chunks level by level, fetching each level in parallel.
+    Walks the intermediate chunks level by level, fetching each level pipelined.
     """
     level = [(root, 0, span, payload)]
     leaves: list[tuple[bytes, int, int]] = []
     count = 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="swarm") as pool:
-        while level:
-            wanted: list[tuple[bytes, int, int]] = []
-            for addr, base, sp, pl in level:
-                try:
-                    layout = list(swarm.children_layout(sp, len(pl)))
-                except ValueError as exc:
-                    raise SwarmChunkError(
-                        f"swarm chunk {addr.hex()} from {bee.url} is not a valid intermediate "
-                        f"chunk ({exc}); the reference is not a plain file"
-                    ) from None
-                for i, (off, sub) in enumerate(layout):
-                    child = pl[32 * i : 32 * i + 32]
-                    if sub <= swarm.CHUNK_SIZE:
-                        leaves.append((child, base + off, sub))
-                    else:
-                        wanted.append((child, base + off, sub))
-            fetched = list(pool.map(lambda w: bee.chunk(w[0]), wanted))
-            count += len(fetched)
-            level = []
-            for (addr, base, sub), (got_span, got) in zip(wanted, fetched, strict=True):
-                if got_span != sub:
-                    raise SwarmChunkError(
-                        f"swarm chunk {addr.hex()} from {bee.url} spans {got_span} bytes where "
-                        f"its parent says {sub}: the tree is malformed"
-                    )
-                level.append((addr, base, sub, got))
+    while level:
+        wanted: list[tuple[bytes, int, int]] = []
+        for addr, base, sp, pl in level:
+            for child in _children(addr, sp, pl, base, bee.url):
+                (leaves if child[2] <= swarm.CHUNK_SIZE else wanted).append(child)
+        fetched: dict[bytes, tuple[int, bytes]] = {}
+        count += bee.each_chunk(wanted, functools.partial(_keep, fetched), workers)
+        level = []
+        for addr, base, sub in wanted:
+            got_span, got = fetched[addr]
+            if got_span != sub:
+                raise SwarmChunkError(
+                    f"swarm chunk {addr.hex()} from {bee.url} spans {got_span} bytes where "
+                    f"its parent says {sub}: the tree is malformed"
+                )
+            level.append((addr, base, sub, got))
     leaves.sort(key=lambda leaf: leaf[1])
     return leaves, count
+
+
+def _children(
+    addr: bytes, span: int, payload: bytes, base: int, url: str
+) -> list[tuple[bytes, int, int]]:
+    """(address, file offset, span) of each child of the intermediate chunk at `addr`,
+    whose data starts at file offset `base`."""
+    try:
+        layout = list(swarm.children_layout(span, len(payload)))
+    except ValueError as exc:
+        raise SwarmChunkError(
+            f"swarm chunk {addr.hex()} from {url} is not a valid intermediate chunk "
+            f"({exc}); the reference is not a plain file"
+        ) from None
+    return [(payload[32 * i : 32 * i + 32], base + off, sub) for i, (off, sub) in enumerate(layout)]
+
+
+def _keep(into: dict, item: tuple, span: int, payload: bytes) -> list:
+    """each_chunk handler that keeps every (span, payload) by address, asks for no more."""
+    into[item[0]] = (span, payload)
+    return []
 
 
 def _fetch_stream(
