@@ -59,10 +59,12 @@ class IpfsFetch:
         return f"ipfs: all {self.blocks} blocks match their CIDs ({self.mode})"
 
 
-# A buffer goes to a hasher once it holds this many bytes of sections: 16 blocks of
-# kubo's default 256 KiB, one per lane of sha256_lanes.
+# A buffer goes to a hasher once it holds CAR_BATCH bytes of sections, or more when the
+# blocks are big: as many blocks as sha256_lanes hashes side by side (16 of kubo's
+# 256 KiB fill 4 MiB; of 1 MiB blocks, 16 MiB), within MAX_BATCH.
 CAR_BATCH = 4 << 20
-CAR_BUFFER = 5 << 20  # one receive buffer: a batch, or the largest section (2 MiB) whole
+MAX_BATCH = 16 << 20
+CAR_BUFFER = MAX_BATCH + (2 << 20)  # one receive buffer: a batch and one more section
 CAR_BUFFERS = 6  # receiving, hashing+writing (2), waiting: reused, never more
 CAR_WORKERS = 2  # threads checking and writing buffers
 LOOKAHEAD = 64  # bytes read past a section, enough for the next one's prefix and CID
@@ -142,6 +144,8 @@ class _CarBlocks:
         self._writes: list[tuple[bytes | memoryview, int, int]] = []  # (data, offset, section)
         self._idx = 0  # sections handed out so far
         self._ended = False
+        self._batch = CAR_BATCH  # grows with the blocks seen (see CAR_BATCH)
+        self._lanes = sha256_lanes.width()
         try:
             resp = http.request(
                 "GET",
@@ -215,6 +219,12 @@ class _CarBlocks:
         ipfs.decode_car_header(bytes(self.view[pos : pos + length]))  # roots ignored
         return pos + length, self.filled
 
+    def _grow_batch(self, section: int) -> None:
+        """Batches of as many sections this size as there are hashing lanes: the
+        buffer is handed on once the last of them is in."""
+        fits = min(MAX_BATCH, CAR_BUFFER - section)
+        self._batch = max(self._batch, min(fits, (self._lanes - 1) * section + 1))
+
     def _submit(self) -> None:
         """The current buffer's sections (all walked by now) go to a worker."""
         if self._sections or self._writes:
@@ -279,12 +289,14 @@ class _CarBlocks:
                     break
                 got, start = CID.decode(view[: span[1]], span[0])
                 self._sections.append((got, start, span[1]))
+                if self._lanes and span[1] - pos > self._batch // self._lanes:
+                    self._grow_batch(span[1] - pos)
                 pos = span[1]
             self.pos = pos
             if self._idx < len(self._sections):
                 return
             need = span[1] if span is not None else pos + LOOKAHEAD
-            if need > CAR_BUFFER or (self._sections and pos >= CAR_BATCH):
+            if need > CAR_BUFFER or (self._sections and pos >= self._batch):
                 # Hand this buffer on and go on in a fresh one, starting with the few
                 # bytes of the next section already here (its prefix and CID).
                 new = self._buffer()
@@ -295,7 +307,7 @@ class _CarBlocks:
                 continue
             # Read up to a batch's worth at once (few calls for small blocks), and a
             # little past the section wanted, to learn the next one's length.
-            if not self._fill(max(need, CAR_BATCH) + LOOKAHEAD):  # end of stream
+            if not self._fill(max(need, self._batch) + LOOKAHEAD):  # end of stream
                 self._ended = True
                 if pos != self.filled:
                     self.check()

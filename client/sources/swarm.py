@@ -1,11 +1,12 @@
 """Swarm source: fetch a file chunk by chunk from a Bee node and verify every chunk.
 
 The Bee node is not trusted. Each chunk is requested as `GET /chunks/{address}` (128 in
-flight, pipelined on two keep-alive connections: _pipeline.py), and its address is recomputed from the span and
-payload received (BMT/keccak256, `common/swarm.py`). A chunk that does not hash to the
-address we asked for is refused, naming the chunk and the node. The tree's shape is
-checked too (each child's span is implied by its parent's), so a node cannot truncate
-or pad the file. Data chunks are written at their offsets as they arrive.
+flight, pipelined on two keep-alive connections: _pipeline.py), and its address is
+recomputed from the span and payload received (BMT/keccak256, `common/swarm.py`). A
+chunk that does not hash to the address we asked for is refused, naming the chunk and
+the node. The tree's shape is checked too (each child's span is implied by its
+parent's), so a node cannot truncate or pad the file. Data chunks are written at their
+offsets as they arrive.
 
 Two modes, both verifying every chunk against its address:
 - `chunks`: every chunk, data chunks included, via `/chunks/{addr}`;
