@@ -4,7 +4,7 @@ Starts the fake Bee and IPFS nodes (tests/fakes) as separate processes on 127.0.
 uploads one random file to each through the real upload APIs, then downloads it:
 - plain:  GET /bytes/{ref} (Bee) or GET /ipfs/{cid} (deserialised), no verification;
 - swarm stream: intermediate chunks via /chunks + data via /bytes, every chunk hashed;
-- swarm chunks: every chunk via /chunks/{addr}, 32 in flight;
+- swarm chunks: every chunk via /chunks/{addr}, 128 in flight, pipelined on 2 connections;
 - ipfs car: one CAR stream, every block checked; ipfs raw: one request per block.
 Prints medians of --runs runs and the ratio to the plain runs interleaved with them
 (target >= 0.5). Files are written
