@@ -71,9 +71,16 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
     """Every configured source's images, then the menu (the link ranks first)."""
     workdir = Path(cfg.client.download_dir)
     images, errors = [], []
+    lan_ready = False
     for spec in cfg.client.sources:
         try:
             resolve = _resolver_for(spec)
+            if not lan_ready and spec.strip() != "link":
+                from . import lan  # (imported only for other sources, as they are)
+
+                if lan.needs_lan([spec]):
+                    lan_ready = True  # once, right before the first source that needs it
+                    lan.ensure_lan(cfg.client.lan)
             workdir.mkdir(parents=True, exist_ok=True)
             found = resolve(spec.strip(), cfg, workdir, progress)
             if resolve is not resolve_link:  # the link puts it after its NBD words itself

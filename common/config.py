@@ -59,6 +59,9 @@ class ClientConfig:
     trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (files or hex)
     allow_unsigned: list[str] = field(default_factory=list)  # source specs allowed unsigned
     menu_timeout: float = 5.0  # seconds before the boot menu takes its default
+    # How sources other than the link reach their nodes: "auto" = DHCP on every NIC
+    # when there is no default route (the ramdisk), "dhcp" = always, "none" = never.
+    lan: str = "auto"
     # "SIZE!START" (e.g. "2G!4G"): the stick's kernel gets memmap=SIZE!START, so that RAM
     # becomes /dev/pmem0 where a distro ISO is staged for the next kernel. "" = off.
     iso_memory: str = ""
@@ -222,6 +225,10 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.client.timeout <= 0:
         raise ConfigError(f"{cfg.source}: 'client.timeout' must be > 0 seconds")
+    if cfg.client.lan not in ("auto", "dhcp", "none"):
+        raise ConfigError(
+            f"{cfg.source}: 'client.lan' must be auto, dhcp or none; got {cfg.client.lan!r}"
+        )
     if cfg.client.iso_memory:
         rng = iso_memory_range(cfg.client.iso_memory)
         if (
