@@ -143,6 +143,16 @@ def selftest() -> int:
     ):  # fmt: skip
         importlib.import_module(mod)
     milestone("imports ok")
+    import ssl
+
+    from bootlink.client import lan
+
+    # https:// sources verify the server against the CA store (ca-certificates), and
+    # sources on the LAN take a DHCP lease with busybox's udhcpc.
+    cas = ssl.create_default_context().cert_store_stats()["x509_ca"]
+    if not cas:
+        raise SystemExit("selftest: no CA certificates: https:// sources cannot verify servers")
+    milestone(f"tls trust store: {cas} CAs; dhcp client: {' '.join(lan._udhcpc())}")
     from bootlink import cli
 
     parser = cli.build_parser()

@@ -34,6 +34,7 @@ RUNTIME_PACKAGES: tuple[str, ...] = (
     "iproute2",
     "busybox",  # rescue shell and small tools (cttyhack, poweroff -f)
     "kmod",  # real modprobe: busybox's ignores softdeps (ext4 needs crc32c)
+    "ca-certificates",  # https:// sources verify the server (Python's default CA store)
 )
 # The client prefers the pure-Python kexec_file_load; kexec-tools is the fallback for
 # kernels the file syscall refuses. It pulls the Xen libraries, so it is optional.

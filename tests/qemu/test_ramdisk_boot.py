@@ -5,6 +5,7 @@ kernel panic. Slow: marked `qemu`. Needs root (namespace and taps)."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def test_selftest_role_imports_everything_and_powers_off(ramdisk, tmp_path):
     assert ms["kernel"] < ms["/init"] < ms["modules loaded"] < ms["python up"] < ms["imports ok"]
     text = "\n".join(ln.text for ln in vm.console.lines)
     assert "Kernel panic" not in text and "Traceback" not in text
+    assert re.search(r"tls trust store: [1-9]\d+ CAs; dhcp client: \S*udhcpc", text)
     print("selftest milestones:", ms)
 
 
