@@ -8,9 +8,9 @@ from a router's advertisements) and asks for a DHCPv4 lease on all of them at on
 busybox's udhcpc. The first lease is configured (address, default route, DNS servers)
 and the other requests are stopped.
 
-`client.lan` says when: `auto` (default) only when this system has no default route,
-as in the ramdisk (an installed system with a network is left alone); `dhcp` always;
-`none` never.
+`client.lan` says when: `auto` (default) only when this system has neither a default
+route nor an address beyond link-local, as in the ramdisk (a system someone configured
+is left alone); `dhcp` always; `none` never.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def ensure_lan(mode: str, ipr=None) -> Lease | None:
     with contextlib.ExitStack() as stack:
         if ipr is None:
             ipr = stack.enter_context(IPRoute())
-        if mode == "auto" and has_default_route(ipr):
-            log.debug("lan: a default route exists, leaving the network as it is")
+        if mode == "auto" and (has_default_route(ipr) or has_global_address(ipr)):
+            log.debug("lan: the network is configured already, leaving it as it is")
             return None
         nics = [n for n in net.list_nics(ipr) if not _is_virtual(n.name)]
         if not nics:
@@ -137,6 +137,17 @@ def has_default_route(ipr) -> bool:
                 route.get_attr("RTA_GATEWAY") or route.get_attr("RTA_MULTIPATH")
             ):
                 return True
+    return False
+
+
+def has_global_address(ipr) -> bool:
+    """Whether any NIC has an address beyond its link (someone configured this host)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for addr in ipr.get_addr(family=family):
+            if addr["scope"] == 0 and addr.get_attr("IFA_LABEL") != "lo":  # RT_SCOPE_UNIVERSE
+                ip = ipaddress.ip_address(addr.get_attr("IFA_ADDRESS"))
+                if not ip.is_loopback:
+                    return True
     return False
 
 

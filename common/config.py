@@ -60,7 +60,7 @@ class ClientConfig:
     allow_unsigned: list[str] = field(default_factory=list)  # source specs allowed unsigned
     menu_timeout: float = 5.0  # seconds before the boot menu takes its default
     # How sources other than the link reach their nodes: "auto" = DHCP on every NIC
-    # when there is no default route (the ramdisk), "dhcp" = always, "none" = never.
+    # when nothing is configured (the ramdisk), "dhcp" = always, "none" = never.
     lan: str = "auto"
     # "SIZE!START" (e.g. "2G!4G"): the stick's kernel gets memmap=SIZE!START, so that RAM
     # becomes /dev/pmem0 where a distro ISO is staged for the next kernel. "" = off.

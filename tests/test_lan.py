@@ -158,3 +158,17 @@ def test_no_dhcp_server_gives_up_in_time(lab, tmp_path):
     assert got.stdout.strip() == "None"
     assert time.monotonic() - t < 6
     assert subprocess.run(["ip", "netns", "pids", desk.ns], capture_output=True).stdout == b""
+
+
+def test_auto_leaves_a_configured_system_alone_dhcp_does_not(lab, tmp_path):
+    """A host someone configured (an address, even without a default route) keeps its
+    network under `auto`; `dhcp` takes a lease all the same."""
+    desk, _srv = _lan_with_dhcp(lab, tmp_path)
+    desk.run(["ip", "addr", "add", "10.99.0.2/24", "dev", "eth0"], check=True)
+    code = "import sys; from bootlink.client import lan; print(lan.ensure_lan(sys.argv[1]))"
+    got = desk.run([sys.executable, "-c", code, "auto"], check=True)
+    assert got.stdout.strip() == "None"
+    assert "10.77.0." not in desk.run(["ip", "-4", "-o", "addr"], check=True).stdout
+    got = desk.run([sys.executable, "-c", code, "dhcp"], check=True)
+    assert "Lease(nic='eth0', address='10.77.0." in got.stdout
+    assert "inet 10.77.0.1" in desk.run(["ip", "-4", "-o", "addr"], check=True).stdout
