@@ -1,11 +1,12 @@
-"""No laptop present, for real: the ramdisk client boots an image from a Bee node on the LAN.
+"""No laptop present, for real: the ramdisk client boots an image from a node on the LAN.
 
-The guest boots the bootlink ramdisk as client with `client.sources: [swarm:<ref>]` and
-nothing else: its one NIC is a tap into a namespace that plays the LAN, with a DHCP
-server (busybox udhcpd) and a Bee node (the fake, speaking Bee's API) at 10.77.0.1. The
-client must bring the NIC up, take a lease (client.lan: auto), fetch the signed manifest
-and the files it pins chunk-verified from the node, and kexec the image's kernel, whose
-tiny initrd prints a marker with its command line.
+The guest boots the bootlink ramdisk as client with one `swarm:<ref>` or `ipfs:<cid>`
+source and nothing else: its one NIC is a tap into a namespace that plays the LAN, with
+a DHCP server (busybox udhcpd), a Bee node and an IPFS gateway (the fakes, speaking
+their APIs) at 10.77.0.1. The client must bring the NIC up, take a lease (client.lan:
+auto), fetch the signed manifest and the files it pins, verified chunk by chunk or block
+by block, and kexec the image's kernel, whose tiny initrd prints a marker with its
+command line.
 
 Slow: marked `qemu`. Needs root (namespace, tap), busybox-static, kexec in the guest.
 """
@@ -34,6 +35,8 @@ CACHE = Path(os.environ.get("BOOTLINK_CACHE", REPO / "cache"))
 FAKES = REPO / "tests" / "fakes"
 BOOTLINK = [sys.executable, "-m", "bootlink"]
 MARKER = "bootlink-lan-target-up"
+# where `publish` uploads (the IPFS fake serves /api/v0/add beside its gateway)
+API = {"swarm": "http://10.77.0.1:1633", "ipfs": "http://10.77.0.1:8080"}
 
 TARGET_INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -85,13 +88,14 @@ def lan(tmp_path):
                     stderr=subprocess.DEVNULL,
                 )
             )
-            bee = subprocess.Popen(
-                [*ns.exec_prefix, sys.executable, str(FAKES / "bee.py"),
-                 "--listen", "10.77.0.1", "--port", "1633"],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            procs.append(bee)
-            assert bee.stdout.readline().startswith("READY")
+            for script, port in (("bee.py", 1633), ("ipfs_gateway.py", 8080)):
+                node = subprocess.Popen(
+                    [*ns.exec_prefix, sys.executable, str(FAKES / script),
+                     "--listen", "10.77.0.1", "--port", str(port)],
+                    stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                procs.append(node)
+                assert node.stdout.readline().startswith("READY"), script
             yield ns, tap
         finally:
             for p in procs:
@@ -100,7 +104,8 @@ def lan(tmp_path):
                 p.wait(timeout=10)
 
 
-def test_desktop_without_laptop_boots_a_swarm_image_over_dhcp(lan, tmp_path):
+@pytest.mark.parametrize("to", ["swarm", "ipfs"])
+def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, to):
     ns, tap = lan
     art = e2e.prepare(CACHE, tmp_path / "ramdisk")
     initrd = _target_initrd(tmp_path)
@@ -114,12 +119,12 @@ def test_desktop_without_laptop_boots_a_swarm_image_over_dhcp(lan, tmp_path):
         "cmdline: 'console=ttyS0 panic=-1 lanmarker=1'}\n"
     )
     spec = subprocess.run(
-        [*ns.exec_prefix, *BOOTLINK, "publish", "--config", str(pubcfg), "--to", "swarm",
-         "--api", "http://10.77.0.1:1633", "--sign-key", str(sign_key),
-         "--label", "Swarm over the LAN", "--quiet"],
+        [*ns.exec_prefix, *BOOTLINK, "publish", "--config", str(pubcfg), "--to", to,
+         "--api", API[to], "--sign-key", str(sign_key), "--label", f"{to} over the LAN",
+         "--quiet"],
         capture_output=True, text=True, check=True,
     ).stdout.split()[0]  # fmt: skip
-    assert spec.startswith("swarm:")
+    assert spec.startswith(f"{to}:")
 
     key = tmp_path / "key"
     generate_key_file(key)  # the ramdisk carries one; no link source uses it here
@@ -129,6 +134,7 @@ def test_desktop_without_laptop_boots_a_swarm_image_over_dhcp(lan, tmp_path):
             "client": {
                 "sources": [spec],
                 "bee_api": "http://10.77.0.1:1633",
+                "ipfs_gateway": "http://10.77.0.1:8080",
                 "trusted_keys": [pub],
                 "menu_timeout": 0,
             },
@@ -150,4 +156,5 @@ def test_desktop_without_laptop_boots_a_swarm_image_over_dhcp(lan, tmp_path):
     log = (tmp_path / "console.log").read_text(errors="replace")
     assert "lanmarker=1" in line.text, line.text
     assert "lan: 10.77.0.1" in log, "the client's log names the lease it took"
-    print(f"target up at {line.t:.1f} s after power-on")
+    assert f"boot: {to} over the LAN [{to}: ed25519 signature by trusted key" in log
+    print(f"{to}: target up at {line.t:.1f} s after power-on")
