@@ -56,9 +56,11 @@ def digests(buf, spans: Sequence[tuple[int, int]]) -> list[bytes]:
             out[i] = hashlib.sha256(view[start:end]).digest()
         return out
     lib, lanes = found
+    view = memoryview(buf)
+    if any(not 0 <= start <= end <= view.nbytes for start, end in spans):
+        raise ValueError("a span lies outside the buffer")  # C would read past its end
     base, shared = _address_of(buf)
     order = sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][0])
-    view = memoryview(buf)
     for first in range(0, len(order), lanes):
         group = order[first : first + lanes]
         if len(group) < MIN_LANES:

@@ -57,6 +57,16 @@ def test_read_only_views_other_than_bytes_are_refused():
         sha256_lanes.digests(memoryview(bytes(4096)), _spans([100] * 16, 0))
 
 
+def test_spans_outside_the_buffer_are_refused_not_read():
+    if not sha256_lanes.width():
+        pytest.skip("no lanes here: hashlib slices never read past the end")
+    buf = bytearray(4096)
+    with pytest.raises(ValueError, match="outside the buffer"):
+        sha256_lanes.digests(buf, [*_spans([100] * 15, 0), (4000, 4097)])
+    with pytest.raises(ValueError, match="outside the buffer"):
+        sha256_lanes.digests(buf, [*_spans([100] * 15, 0), (200, 100)])
+
+
 def test_native_lanes_are_used_where_they_were_built():
     """A build that compiled _sha256mb.c on a CPU with AVX-512 BW must use it: without
     it IPFS block checks silently run ~2x slower (the tests above would still pass)."""

@@ -35,7 +35,7 @@ DEPTH = 64  # requests written ahead of their responses, per connection
 RETRIES = 3  # times one request is re-sent after its connection closed under it
 
 
-@dataclass
+@dataclass(frozen=True)
 class Response:
     status: int
     body: bytes
