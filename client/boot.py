@@ -12,12 +12,13 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from bootlink.common.bootimage import BootImage, check_digests
 from bootlink.common.config import Config
-from bootlink.common.errors import BootlinkError
+from bootlink.common.errors import BootlinkError, Interrupted
 
 from . import menu
 from .link_source import boot_from_link
@@ -82,7 +83,7 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                     lan_ready = True  # once, right before the first source that needs it
                     lan.ensure_lan(cfg.client.lan)
             workdir.mkdir(parents=True, exist_ok=True)
-            found = resolve(spec.strip(), cfg, workdir, progress)
+            found = _resolve_patiently(resolve, spec.strip(), cfg, workdir, progress)
             if resolve is not resolve_link:  # the link puts it after its NBD words itself
                 found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]
             images.extend(found)
@@ -95,6 +96,28 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
         raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
     images.sort(key=lambda img: img.provenance.source != "link")
     return menu.choose(images, timeout=cfg.client.menu_timeout)
+
+
+ATTEMPTS = 3  # a source whose transfer broke off (not one whose bytes were wrong)
+RETRY_PAUSE = 5.0  # seconds before trying again: a cable plugged back in, a node back
+
+
+def _resolve_patiently(resolve, spec: str, cfg: Config, workdir: Path, progress: bool):
+    """resolve(), tried again after a pause when the connection failed or the transfer
+    broke off (Interrupted); wrong bytes, a bad signature or a refusal are final. The
+    laptop link retries on its own terms (a fresh probe)."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return resolve(spec, cfg, workdir, progress)
+        except Interrupted as exc:
+            if attempt == ATTEMPTS or resolve is resolve_link:
+                raise
+            log.warning(
+                "source %s: %s; trying again in %g s (attempt %d of %d)",
+                spec, exc, RETRY_PAUSE, attempt + 1, ATTEMPTS,
+            )  # fmt: skip
+            time.sleep(RETRY_PAUSE)
+    raise AssertionError("unreachable")
 
 
 def _append_cmdline(image: BootImage, words: str) -> BootImage:

@@ -20,3 +20,8 @@ class KeyFileError(BootlinkError):
 
 class ProtocolError(BootlinkError):
     """A peer sent something malformed, forged, replayed, or truncated."""
+
+
+class Interrupted(BootlinkError):
+    """The connection failed or the transfer broke off: the same request may succeed
+    later (a cable plugged back in, a node restarted). Never for bytes proven wrong."""

@@ -143,6 +143,8 @@ def test_lan_none_leaves_the_nic_alone_and_the_error_names_the_url(lab, tmp_path
     assert got.returncode != 0
     last = got.stderr.strip().splitlines()[-1]
     assert "10.77.0.1:1633" in last and "check the URL and network" in last
+    # (a connection that fails may work later, a cable plugged in: tried 3 times, 5 s apart)
+    assert "trying again in 5 s (attempt 3 of 3)" in got.stderr
     addr = desk.run(["ip", "-o", "link", "show", "dev", "eth0"], check=True).stdout
     assert "state DOWN" in addr
 

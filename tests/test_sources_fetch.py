@@ -468,3 +468,51 @@ def test_fetch_cli_web_needs_hash(capsys, tmp_path):
 def test_unknown_source_kind():
     with pytest.raises(BootlinkError, match="unknown kind 'ftp'"):
         sources.resolve("ftp://x", config_from_dict({}), Path("/tmp/unused-bootlink"))
+
+
+def test_source_whose_stream_broke_is_tried_again_a_lying_one_is_not(
+    bee, tmp_path, capsys, image_files, monkeypatch, caplog
+):
+    """The node cuts the initrd's /bytes stream once (a chunk it cannot retrieve yet, as
+    Bee does; a cable pulled looks the same): the client tries the source again and
+    gets the image. A chunk that does not hash to its address is final at once."""
+    from bootlink.client import boot
+
+    state, url = bee
+    key, pub = make_key(tmp_path, capsys)
+    spec = _publish(tmp_path, capsys, url, image_files, "--sign-key", key)
+    leaves: list[bytes] = []
+    swarm.reference_of_bytes(INITRD, lambda a, span, p: leaves.append(a) if len(p) == span else 0)
+    state.missing.add(leaves[100])
+    stream = state.iter_file
+
+    def once_cut(ref):
+        try:
+            yield from stream(ref)
+        except KeyError:
+            state.missing.clear()  # the node has it now
+            raise
+
+    state.iter_file = once_cut
+    monkeypatch.setattr(boot, "RETRY_PAUSE", 0.01)
+    cfg = config_from_dict(
+        {
+            "client": {
+                "sources": [spec],
+                "bee_api": url,
+                "trusted_keys": [pub],
+                "download_dir": str(tmp_path / "dl"),
+                "menu_timeout": 0,
+                "lan": "none",
+            }
+        }
+    )
+    image = boot.choose_image(cfg, progress=False)
+    assert image.initrd.read_bytes() == INITRD
+    assert "truncated" in caplog.text and "trying again in 0.01 s (attempt 2 of 3)" in caplog.text
+
+    caplog.clear()
+    state.corrupt.add(leaves[100])
+    with pytest.raises(BootlinkError, match="does not hash to its address"):
+        boot.choose_image(cfg, progress=False)
+    assert "trying again" not in caplog.text

@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass
 
-from bootlink.common.errors import BootlinkError
+from bootlink.common.errors import BootlinkError, Interrupted
 
 USER_AGENT = "bootlink/0.1"
 
@@ -27,6 +27,10 @@ class HttpError(BootlinkError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ConnectionLost(HttpError, Interrupted):
+    """No connection, no answer in time, or the answer broke off."""
 
 
 class TooLarge(BootlinkError):
@@ -121,18 +125,18 @@ class HttpClient:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.close()
                 if attempt == 2 or (body is not None and not isinstance(body, bytes)):
-                    raise HttpError(
+                    raise ConnectionLost(
                         f"{self.url(path)}: connection closed by the server; is it overloaded?"
                     ) from None
             except TimeoutError:
                 self.close()
-                raise HttpError(
+                raise ConnectionLost(
                     f"{self.url(path)}: no answer within {self.timeout:g} s; "
                     "is the node up and reachable?"
                 ) from None
             except OSError as exc:
                 self.close()
-                raise HttpError(
+                raise ConnectionLost(
                     f"cannot reach {self.base}: {exc.strerror or exc}; check the URL and network"
                 ) from None
         raise AssertionError("unreachable")
@@ -170,9 +174,9 @@ def read_capped(resp: http.client.HTTPResponse, limit: int, url: str) -> bytes:
             # Drain what the server announced so the connection can be reused.
             resp.read()
     except http.client.IncompleteRead as exc:
-        raise HttpError(f"{url}: connection closed after {len(exc.partial)} bytes") from None
+        raise ConnectionLost(f"{url}: connection closed after {len(exc.partial)} bytes") from None
     except TimeoutError:
-        raise HttpError(f"{url}: stalled while sending the body") from None
+        raise ConnectionLost(f"{url}: stalled while sending the body") from None
     return body
 
 
@@ -189,10 +193,10 @@ def read_exact(resp: http.client.HTTPResponse, limit: int, url: str) -> bytes:
         while got < len(body):
             n = resp.readinto(view[got:])
             if not n:
-                raise HttpError(f"{url}: connection closed after {got} bytes")
+                raise ConnectionLost(f"{url}: connection closed after {got} bytes")
             got += n
     except TimeoutError:
-        raise HttpError(f"{url}: stalled while sending the body") from None
+        raise ConnectionLost(f"{url}: stalled while sending the body") from None
     return body  # type: ignore[return-value]
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from ._http import USER_AGENT, BaseUrl, HttpError
+from ._http import USER_AGENT, BaseUrl, ConnectionLost, HttpError
 
 T = TypeVar("T")
 
@@ -87,7 +87,7 @@ def read_response(fp, limit: int, url: str) -> Response:
         )
     body = fp.read(int(length))
     if len(body) < int(length):
-        raise HttpError(f"{url}: connection closed after {len(body)} of {int(length)} bytes")
+        raise ConnectionLost(f"{url}: connection closed after {len(body)} of {int(length)} bytes")
     return Response(status, body, will_close)
 
 
@@ -107,7 +107,7 @@ def _read_chunked(fp, limit: int, url: str) -> bytes:
             raise HttpError(f"{url}: answer exceeds the {limit}-byte limit")
         piece = fp.read(size + 2)
         if len(piece) < size + 2:
-            raise HttpError(f"{url}: connection closed inside a chunk")
+            raise ConnectionLost(f"{url}: connection closed inside a chunk")
         out += piece[:size]
 
 
@@ -172,12 +172,12 @@ class _Connection:
                 ctx = ssl.create_default_context()
                 sock = ctx.wrap_socket(sock, server_hostname=self.base.host)
         except TimeoutError:
-            raise HttpError(
+            raise ConnectionLost(
                 f"cannot reach {self.base}: no answer within {self.timeout:g} s; "
                 "is the node up and reachable?"
             ) from None
         except OSError as exc:
-            raise HttpError(
+            raise ConnectionLost(
                 f"cannot reach {self.base}: {exc.strerror or exc}; check the URL and network"
             ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -263,7 +263,7 @@ def _run(conn: _Connection, work: _Work, path, handle, limit: int, depth: int) -
                 # everything in flight goes again, on a fresh connection.
                 conn.close()
                 if any(sent + 1 >= RETRIES for _, sent in inflight):
-                    raise HttpError(
+                    raise ConnectionLost(
                         f"{conn.base}: connection closed by the server {RETRIES} times in a "
                         "row; is it overloaded?"
                     ) from None
@@ -271,7 +271,7 @@ def _run(conn: _Connection, work: _Work, path, handle, limit: int, depth: int) -
                 inflight.clear()
                 continue
             except TimeoutError:
-                raise HttpError(
+                raise ConnectionLost(
                     f"{conn.base}: no answer within {conn.timeout:g} s; "
                     "is the node up and reachable?"
                 ) from None

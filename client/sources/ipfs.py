@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootlink.common import ipfs, sha256_lanes
-from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.ipfs import CID
 from bootlink.common.log import Progress
 
@@ -44,6 +44,10 @@ MODES = ("car", "raw")
 
 class IpfsBlockError(ProtocolError):
     """A gateway sent a block that is not the one asked for, or a broken DAG/CAR."""
+
+
+class IpfsStreamBroken(IpfsBlockError, Interrupted):
+    """The gateway's answer broke off or never came (a cable pulled, the node gone)."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ class _CarBlocks:
             )
         except HttpError as exc:
             self.close()
-            raise BootlinkError(f"ipfs gateway: {exc}") from None
+            cls = IpfsStreamBroken if isinstance(exc, Interrupted) else BootlinkError
+            raise cls(f"ipfs gateway: {exc}") from None
         if resp.status != 200:
             body = resp.read(4096)
             self.close()
@@ -279,7 +284,8 @@ class _CarBlocks:
                 self.check()
                 self._fail(
                     f"the stream ended before block {cid} ({self.received} blocks received): "
-                    "truncated response"
+                    "truncated response",
+                    IpfsStreamBroken,
                 )
             view, pos = self.view, self.pos
             span = None
@@ -312,13 +318,16 @@ class _CarBlocks:
                 if pos != self.filled:
                     self.check()
                     short = f"{need - self.filled} bytes short" if span else "in a length prefix"
-                    self._fail(f"truncated response (CAR stream ended {short} inside a section)")
+                    self._fail(
+                        f"truncated response (CAR stream ended {short} inside a section)",
+                        IpfsStreamBroken,
+                    )
 
     # ------------------------------------------------------------ the walk's side
 
-    def _fail(self, what: str):
+    def _fail(self, what: str, cls: type[IpfsBlockError] = IpfsBlockError):
         self.close()
-        raise IpfsBlockError(
+        raise cls(
             f"CAR for ipfs {self.root} from {self.http.base}: {what}; "
             "retry or try another --gateway"
         )
@@ -346,7 +355,12 @@ class _CarBlocks:
                     return kept
                 try:
                     self._more(cid)
-                except (ValueError, http.client.HTTPException, OSError) as exc:
+                except (http.client.HTTPException, OSError) as exc:  # the connection
+                    self.check()
+                    self._fail(
+                        f"broken stream after {self.received} blocks ({exc})", IpfsStreamBroken
+                    )
+                except ValueError as exc:  # the bytes (a CID or length that cannot be)
                     self.check()
                     self._fail(f"broken stream after {self.received} blocks ({exc})")
             got, start, end = self._sections[self._idx]

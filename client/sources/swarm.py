@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootlink.common import swarm
-from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.log import Progress
 
 from . import _pipeline
@@ -51,6 +51,10 @@ MODES = ("stream", "chunks")
 
 class SwarmChunkError(ProtocolError):
     """A Bee node sent a chunk that is not the one asked for (or none)."""
+
+
+class SwarmStreamBroken(SwarmChunkError, Interrupted):
+    """The node's answer broke off or never came (a cable pulled, the node gone)."""
 
 
 @dataclass(frozen=True)
@@ -301,7 +305,8 @@ def _fetch_stream(
     try:
         resp = bee.http.request("GET", f"/bytes/{root.hex()}")
     except HttpError as exc:
-        raise SwarmChunkError(f"{exc}; try another --bee or --swarm-mode chunks") from None
+        cls = SwarmStreamBroken if isinstance(exc, Interrupted) else SwarmChunkError
+        raise cls(f"{exc}; try another --bee or --swarm-mode chunks") from None
     if resp.status != 200:
         body = resp.read(4096)
         bee.http.close()
@@ -366,7 +371,7 @@ def _receive_and_hash(
             buf = free.get()
             got = _read_into(resp, memoryview(buf)[:want], url, start)
             if got != want:
-                raise SwarmChunkError(
+                raise SwarmStreamBroken(
                     f"{url}: stream ended at byte {start + got} of {span}: "
                     "truncated; retry or try another --bee"
                 )
@@ -486,7 +491,7 @@ def _read_into(resp, view: memoryview, url: str, start: int) -> int:
         try:
             n = resp.readinto(view[got:])
         except (OSError, http.client.HTTPException) as exc:
-            raise SwarmChunkError(f"{url}: stream broke at byte {start + got}: {exc}") from None
+            raise SwarmStreamBroken(f"{url}: stream broke at byte {start + got}: {exc}") from None
         if not n:
             break
         got += n

@@ -15,7 +15,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootlink.common.errors import BootlinkError, ProtocolError
+from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.log import Progress
 
 from ._http import HttpClient, HttpError, TooLarge, error_text
@@ -83,7 +83,8 @@ def fetch(
         try:
             resp = http.request("GET", path)
         except HttpError as exc:
-            raise BootlinkError(f"download of {url}: {exc}") from None
+            cls = Interrupted if isinstance(exc, Interrupted) else BootlinkError
+            raise cls(f"download of {url}: {exc}") from None
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             resp.read()
             http.close()
@@ -114,7 +115,7 @@ def fetch(
                 try:
                     block = resp.read1(1 << 20)
                 except (OSError, ValueError) as exc:
-                    raise BootlinkError(
+                    raise Interrupted(
                         f"download of {url} broke after {size} bytes: {exc}"
                     ) from None
                 if not block:
@@ -127,7 +128,7 @@ def fetch(
                 if prog:
                     prog.advance(len(block))
             if total and size != total:
-                raise BootlinkError(
+                raise Interrupted(
                     f"download of {url} ended after {size} of {total} bytes: truncated; retry"
                 )
             out.flush()
