@@ -209,7 +209,7 @@ def first_lease(nics: list[str], timeout: float) -> Lease | None:
                         sel.unregister(key.fileobj)
                         continue
                     lease = parse_lease(line)
-                    if lease is not None:
+                    if lease is not None and lease.nic in nics:
                         return lease
             return None
         finally:
