@@ -25,14 +25,17 @@ BLOCK = 16
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("BOOTLINK_OMAC_OPENSSL"):  # lets the tests and benchmarks compare
         return None
-    lib = load_helper("_omac")
-    if lib is None:
-        return None
-    lib.omac_available.argtypes = []
-    lib.omac_available.restype = ctypes.c_int
-    lib.omac_cbc_lanes.argtypes = [ctypes.c_char_p, ctypes.c_int] + [ctypes.c_void_p] * 3
-    lib.omac_cbc_lanes.restype = ctypes.c_int
-    return lib if lib.omac_available() == 1 else None
+    lib = load_helper(
+        "_omac",
+        {
+            "omac_available": ([], ctypes.c_int),
+            "omac_cbc_lanes": (
+                [ctypes.c_char_p, ctypes.c_int] + [ctypes.c_void_p] * 3,
+                ctypes.c_int,
+            ),
+        },
+    )
+    return lib if lib is not None and lib.omac_available() == 1 else None
 
 
 def available() -> bool:

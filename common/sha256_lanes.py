@@ -25,13 +25,15 @@ MIN_LANES = 8
 def _library() -> tuple[ctypes.CDLL, int] | None:
     if os.environ.get("BOOTLINK_SHA256_HASHLIB"):  # lets the tests and benchmarks compare
         return None
-    lib = load_helper("_sha256mb")
+    lib = load_helper(
+        "_sha256mb",
+        {
+            "sha256_lanes_width": ([], ctypes.c_int),
+            "sha256_lanes": ([ctypes.c_int] + [ctypes.c_void_p] * 3, ctypes.c_int),
+        },
+    )
     if lib is None:
         return None
-    lib.sha256_lanes_width.argtypes = []
-    lib.sha256_lanes_width.restype = ctypes.c_int
-    lib.sha256_lanes.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3
-    lib.sha256_lanes.restype = ctypes.c_int
     width = lib.sha256_lanes_width()
     return (lib, width) if width >= MIN_LANES else None
 

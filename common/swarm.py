@@ -49,34 +49,22 @@ def _load_pycryptodome_keccak():
 def _load_c_library() -> ctypes.CDLL | None:
     if os.environ.get("BOOTLINK_SWARM_PURE_PYTHON"):
         return None
-    lib = load_helper("_bmt")
-    if lib is None or not hasattr(lib, "bmt_chunk_addresses"):
-        return None  # not built, or a stale build from an older bootlink
-    lib.bmt_chunk_address.argtypes = [
-        ctypes.c_uint64,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-        ctypes.c_char_p,
-    ]
-    lib.bmt_chunk_address.restype = ctypes.c_int
-    lib.bmt_keccak256.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
-    lib.bmt_keccak256.restype = None
     # c_void_p: bytes (leaf_addresses) and ctypes arrays over bytearrays (_into) alike
-    lib.bmt_leaf_addresses.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    lib.bmt_leaf_addresses.restype = None
-    lib.bmt_chunk_addresses.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_uint64,
-        ctypes.c_uint64,
-        ctypes.c_void_p,
-    ]
-    lib.bmt_chunk_addresses.restype = None
-    lib.bmt_set_impl.argtypes = [ctypes.c_int]
-    lib.bmt_set_impl.restype = ctypes.c_int
-    lib.bmt_impl_name.argtypes = []
-    lib.bmt_impl_name.restype = ctypes.c_char_p
-    return lib
+    c = ctypes
+    return load_helper(
+        "_bmt",
+        {
+            "bmt_chunk_address": ([c.c_uint64, c.c_char_p, c.c_size_t, c.c_char_p], c.c_int),
+            "bmt_keccak256": ([c.c_char_p, c.c_size_t, c.c_char_p], None),
+            "bmt_leaf_addresses": ([c.c_void_p, c.c_size_t, c.c_void_p], None),
+            "bmt_chunk_addresses": (
+                [c.c_void_p, c.c_size_t, c.c_uint64, c.c_uint64, c.c_void_p],
+                None,
+            ),
+            "bmt_set_impl": ([c.c_int], c.c_int),
+            "bmt_impl_name": ([], c.c_char_p),
+        },
+    )
 
 
 _LIB = _load_c_library()

@@ -117,7 +117,9 @@ def test_dynamic_work_all_fetched_with_requests_written_ahead(serve):
     got = fetch_tree(srv.url, connections=2, depth=16)
     assert set(got) == expected()
     assert all(body == path.encode() for path, body in got.items())
-    assert srv.connections == 2
+    # keep-alive: at most one connection per thread (under load one thread may drain
+    # all the work before the other has asked for any, so possibly just one)
+    assert 1 <= srv.connections <= 2
 
 
 @pytest.mark.parametrize("say_so", [True, False])
