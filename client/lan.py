@@ -94,7 +94,7 @@ def needs_lan(specs: Iterable[str]) -> bool:
     return False
 
 
-def ensure_lan(mode: str, ipr=None) -> Lease | None:
+def ensure_lan(mode: str) -> Lease | None:
     """Bring the LAN up as `mode` says (see module docstring); the lease taken, if any.
     No lease is a warning, not an error: a node on an IPv6 link-local or SLAAC address
     may still be reachable, and the source's own error names the URL if not."""
@@ -102,9 +102,7 @@ def ensure_lan(mode: str, ipr=None) -> Lease | None:
         raise BootlinkError(f"client.lan must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "none":
         return None
-    with contextlib.ExitStack() as stack:
-        if ipr is None:
-            ipr = stack.enter_context(IPRoute())
+    with IPRoute() as ipr:
         if mode == "auto" and (has_default_route(ipr) or has_global_address(ipr)):
             log.debug("lan: the network is configured already, leaving it as it is")
             return None
