@@ -19,6 +19,7 @@ from typing import Any
 from bootlink.common.bootimage import BootImage, check_digests
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError, Interrupted
+from bootlink.common.output_file import make_dir
 
 from . import menu
 from .link_source import boot_from_link
@@ -82,7 +83,7 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                 if lan.needs_lan([spec]):
                     lan_ready = True  # once, right before the first source that needs it
                     lan.ensure_lan(cfg.client.lan)
-            workdir.mkdir(parents=True, exist_ok=True)
+            make_dir(workdir)
             found = _resolve_patiently(resolve, spec.strip(), cfg, workdir, progress)
             if resolve is not resolve_link:  # the link puts it after its NBD words itself
                 found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]

@@ -11,10 +11,8 @@ very file descriptors handed to kexec (common/kexec.py), so it is not recomputed
 from __future__ import annotations
 
 import contextlib
-import errno
 import http.client
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import TypeVar
 from bootlink.common import eax, omac_lanes, wire
 from bootlink.common.errors import BootlinkError, ProtocolError
 from bootlink.common.log import Progress
+from bootlink.common.output_file import OutputFile, check_space, make_dir
 from bootlink.common.pipeline import ordered_map
 
 log = logging.getLogger("bootlink.client.transfer")
@@ -115,10 +114,10 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
     names = [f.name for f in manifest.files]
     if sorted(names) != ["initrd", "kernel"] or last:
         raise ProtocolError("manifest must list exactly a kernel and an initrd")
-    dest.mkdir(parents=True, exist_ok=True)
-    _check_space(dest, manifest.payload_size)
+    make_dir(dest)
+    check_space(dest, manifest.payload_size, "the laptop's boot payload")
     bar = Progress("download", manifest.payload_size) if progress else None
-    parts = {n: dest / f"{n}.part" for n in names}
+    files: list[OutputFile] = []
     # no frame may be larger than the manifest's chunk: buffers of that size always fit
     reader.max_length = manifest.chunk_size + eax.TAG_SIZE
     buffers = _Buffers(reader.max_length)
@@ -137,37 +136,33 @@ def _receive(resp, k_sess: bytes, dest: Path, progress: bool) -> Received:
     try:
         pending, raw = memoryview(b""), None  # slices of a memoryview copy nothing
         for entry in manifest.files:
-            got = 0
-            with open(parts[entry.name], "wb") as out:
-                while got < entry.size:
-                    if not pending:
-                        if raw is not None:
-                            buffers.give(raw.sealed.obj)
-                        pending, raw = next(frames)
-                        if raw.last:
-                            raise ProtocolError(f"stream ended inside {entry.name}")
-                    take = pending[: entry.size - got]
-                    pending = pending[len(take) :]
-                    _write(out, take, dest)
-                    got += len(take)
-                    if bar:
-                        bar.advance(len(take))
+            # not fsynced: the ramdisk's download_dir is a tmpfs, and kexec hashes it again
+            out = OutputFile(dest / entry.name, durable=False)
+            files.append(out)
+            while out.tell() < entry.size:
+                if not pending:
+                    if raw is not None:
+                        buffers.give(raw.sealed.obj)
+                    pending, raw = next(frames)
+                    if raw.last:
+                        raise ProtocolError(f"stream ended inside {entry.name}")
+                take = pending[: entry.size - out.tell()]
+                pending = pending[len(take) :]
+                out.write(take)
+                if bar:
+                    bar.advance(len(take))
+            out.close()
         tail, raw = next(frames, (b"", None))
         if pending or tail or raw is None or not raw.last:
             raise ProtocolError("stream carries more data than the manifest announced")
         if bar:
             bar.finish()
-        final = {}
-        for n, part in parts.items():
-            final[n] = dest / n
-            os.replace(part, final[n])
-        return Received(manifest, final)
+        return Received(manifest, {out.path.name: out.commit() for out in files})
     finally:
         stream.close()  # on failure the feeder thread may sit in a read: unblock it first
         frames.close()
-        for part in parts.values():
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+        for out in files:
+            out.discard()  # (nothing once committed)
 
 
 def _flatten(batches: Iterator[Iterable[T]]) -> Iterator[T]:
@@ -177,25 +172,3 @@ def _flatten(batches: Iterator[Iterable[T]]) -> Iterator[T]:
             yield from batch
     finally:
         batches.close()
-
-
-def _check_space(dest: Path, need: int) -> None:
-    st = os.statvfs(dest)
-    free = st.f_bavail * st.f_frsize
-    if free < need:
-        raise BootlinkError(
-            f"{dest} has {free >> 20} MiB free but the payload is {need >> 20} MiB: "
-            "give the desktop more RAM or set client.download_dir to a larger filesystem"
-        )
-
-
-def _write(out, data: bytes, dest: Path) -> None:
-    try:
-        out.write(data)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise BootlinkError(
-                f"{dest} filled up while downloading: set client.download_dir to a larger "
-                "filesystem"
-            ) from None
-        raise

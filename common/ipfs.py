@@ -164,18 +164,21 @@ class CID:
     def parse(cls, text: str) -> CID:
         """A CID from its string form (v0 base58btc, v1 base32 'b' or base58btc 'z')."""
         t = text.strip()
+        fix = "copy it as 'bootlink publish' or 'bootlink ref ipfs FILE' printed it"
         if len(t) == 46 and t.startswith("Qm"):
-            cid, end = cls.decode(b58decode(t))
-        elif t[:1] in ("b", "B") and len(t) > 1:
-            cid, end = cls.decode(b32decode(t[1:]))
-        elif t[:1] == "z" and len(t) > 1:
-            cid, end = cls.decode(b58decode(t[1:]))
+            raw = t
+        elif t[:1] in ("b", "B", "z") and len(t) > 1:
+            raw = t[1:]
         else:
             raise IpfsFormatError(
-                f"'{text}' is not a CID: expected Qm... (v0), b... (base32) or z... (base58)"
+                f"{text!r} is not a CID: expected Qm... (v0), b... (base32) or z... (base58); {fix}"
             )
+        try:
+            cid, end = cls.decode(b32decode(raw) if t[0] in "bB" else b58decode(raw))
+        except ValueError as exc:  # (IpfsFormatError too: a truncated or odd CID)
+            raise IpfsFormatError(f"{text!r} is not a CID ({exc}): {fix}") from None
         if end != len(cid.to_bytes()) or (cid.version == 0) != t.startswith("Qm"):
-            raise IpfsFormatError(f"'{text}' is not a canonical CID")
+            raise IpfsFormatError(f"{text!r} is not a canonical CID: {fix}")
         return cid
 
     @classmethod

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .bootimage import BootImage
 from .errors import BootlinkError
+from .output_file import OutputFile
 
 log = logging.getLogger("bootlink.kexec")
 
@@ -197,7 +198,8 @@ def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
         digest.update(data)
         f.write(data)
 
-    with open(out, "wb") as f:
+    initrd_size = Path(image.initrd).stat().st_size if image.initrd is not None else 0
+    with OutputFile(out, size=initrd_size + size, durable=False) as f:
         n = 0
         if image.initrd is not None:
             n = _copy_hashed(Path(image.initrd), f, image.initrd_sha256, "initrd", digest)
@@ -208,6 +210,7 @@ def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
         put(f, b"\0" * (-size % 4))
         put(f, _newc_header("TRAILER!!!", 0, 0, 0))
         put(f, b"\0" * (-f.tell() % 512))
+        f.commit()
     extra = {**image.extra, "rootfs_path": ROOTFS_PATH}
     del extra["rootfs"]  # attached: prepare() must not attach it twice
     return dataclasses.replace(

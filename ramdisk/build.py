@@ -598,7 +598,10 @@ def build(opts: BuildOptions) -> BuildResult:
     t_start = time.monotonic()
     steps = Steps(6 if opts.config else 5)
     out = Path(opts.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BootlinkError(f"cannot create {out}: {exc.strerror}; pass another --output") from None
     pkgs = packages.package_list(opts.with_kexec_tools)
     if opts.variant == "full":
         pkgs = packages.package_list(True, ["systemd-sysv"])

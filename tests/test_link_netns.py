@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from netlab import BOOTLINK, Lab, wait_for_log
+from smallfs import mounted_tmpfs
 
 from bootlink.common import wire
 from bootlink.common.keys import Purpose, generate_key_file
@@ -57,6 +58,14 @@ def write_config(path: Path, key: Path, workdir: Path, interfaces: list[str], **
         """)
     )
     return path
+
+
+def start_server(lab, host, tmp_path: Path, payload: Path, nics=("link0",)):
+    """`bootlink server` on `host` serving `payload`'s files on `nics`, once it serves."""
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, list(nics))
+    srv = lab.start(host, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
+    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    return srv
 
 
 @pytest.fixture
@@ -185,9 +194,7 @@ def test_third_host_on_the_link_cannot_read_the_export(lab, payload, tmp_path):
     lab.cable(server, "p-snoop", snoop, "eth0")
     for port in ("p-desk", "p-snoop"):
         server.run(["ip", "link", "set", port, "master", "br0", "up"], check=True)
-    cfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, ["br0"])
-    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    srv = start_server(lab, server, tmp_path, payload, ["br0"])
     ccfg = write_config(tmp_path / "client.yaml", tmp_path / "key", payload, [])
     out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
     assert out.returncode == 0, out.stderr
@@ -207,9 +214,7 @@ def test_wrong_key_finds_no_server_and_cleans_up(lab, payload, tmp_path):
     server, desk = lab.host("srv"), lab.host("desk")
     lab.cable(server, "link0", desk, "eth0")
     lab.cable(desk, "eth1", None)
-    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
-    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    start_server(lab, server, tmp_path, payload)
     ccfg = write_config(tmp_path / "c.yaml", tmp_path / "other-key", payload, [], timeout=2)
     out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
     assert out.returncode == 2
@@ -249,6 +254,28 @@ def test_nic_vanishing_mid_probe_is_survived(lab, payload, tmp_path):
     links = desk.run(["ip", "-o", "link"]).stdout
     assert "eth1" in links and "eth0:" not in links
     assert probe_namespaces(proc.pid) == []
+
+
+def test_download_dir_too_small_is_one_line_and_leaves_nothing(lab, payload, tmp_path):
+    """The desktop's download directory (a tmpfs in the ramdisk) cannot hold the laptop's
+    8 MiB payload: the client says so before downloading, frees its NICs, stops."""
+    generate_key_file(tmp_path / "key")
+    server, desk = lab.host("srv"), lab.host("desk")
+    lab.cable(server, "link0", desk, "eth0")
+    start_server(lab, server, tmp_path, payload)
+    with mounted_tmpfs(payload / "download", "6m") as small:
+        ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
+        out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run"])
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        (line,) = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+        assert line.startswith(
+            f"bootlink client: error: {small} has 6.0 MiB free but the laptop's boot payload "
+            "takes 8.0 MiB: free space there or download to a larger filesystem"
+        )
+        assert os.listdir(small) == []
+    assert "eth0" in desk.run(["ip", "-o", "link"]).stdout
+    assert probe_namespaces(out.pid) == []
 
 
 def test_transfer_cut_mid_stream_is_retried(lab, tmp_path):
@@ -311,10 +338,8 @@ def test_sigterm_stops_server_and_its_nbdkit(lab, payload, tmp_path):
     generate_key_file(tmp_path / "key")
     server, desk = lab.host("srv"), lab.host("desk")
     lab.cable(server, "link0", desk, "eth0")
-    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
     ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
-    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    srv = start_server(lab, server, tmp_path, payload)
     out = desk.run([*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
     assert out.returncode == 0, out.stderr
     holder = lab.start(
@@ -345,9 +370,7 @@ def test_nics_left_by_a_killed_client_are_reclaimed(lab, payload, tmp_path):
     generate_key_file(tmp_path / "key")
     server, desk = lab.host("srv"), lab.host("desk")
     lab.cable(server, "link0", desk, "eth0")
-    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
-    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    start_server(lab, server, tmp_path, payload)
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = f"blprobe-{dead.pid}-1"
@@ -371,10 +394,8 @@ def test_replugged_laptop_nic_gets_its_nbd_export_back(lab, payload, tmp_path):
         "srv": server.run(["cat", "/sys/class/net/link0/address"]).stdout.strip(),
         "desk": desk.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip(),
     }
-    cfg = write_config(tmp_path / "s.yaml", tmp_path / "key", payload, ["link0"])
     ccfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [])
-    srv = lab.start(server, [*BOOTLINK, "server", "--config", str(cfg)], tmp_path / "srv.log")
-    wait_for_log(tmp_path / "srv.log", "serving", srv)
+    srv = start_server(lab, server, tmp_path, payload)
     out = run_client(desk, [*BOOTLINK, "client", "--config", str(ccfg), "--dry-run", "--json"])
     assert out.returncode == 0, out.stderr
     uri = json.loads(out.stdout)["nbd_uri"]

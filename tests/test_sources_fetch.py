@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 from fakes import bee as fake_bee
 from fakes import ipfs_gateway as fake_ipfs
+from smallfs import mounted_tmpfs
 
 from bootlink.cli import main as bootlink_main
 from bootlink.client import menu, sources
 from bootlink.client.sources import ipfs as ipfs_src
 from bootlink.client.sources import swarm as swarm_src
-from bootlink.common import ipfs, swarm
+from bootlink.client.sources import web as web_src
+from bootlink.common import ipfs, output_file, swarm
 from bootlink.common.config import config_from_dict
 from bootlink.common.errors import BootlinkError
 from bootlink.common.signing import ManifestError
@@ -230,6 +232,51 @@ def gw():
     yield state, f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
+
+
+FETCHES = ["swarm-stream", "swarm-chunks", "ipfs-car", "ipfs-raw", "web"]
+
+
+def _fetch_into(kind: str, bee, gw, data: bytes, out: Path):
+    """Publish `data` on the in-process node `kind` needs, then fetch it into `out`."""
+    if kind.startswith("swarm"):
+        state, url = bee
+        ref = state.store_bytes(data)
+        return swarm_src.fetch(ref, url, out, progress=False, mode=kind.split("-")[1])
+    state, url = gw
+    root, _ = state.add_bytes(data, ipfs.LAYOUTS["kubo-v1"])
+    if kind == "web":
+        return web_src.fetch(f"{url}/ipfs/{root}", out, progress=False)
+    return ipfs_src.fetch(root, url, out, mode=kind.split("-")[1], progress=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+@pytest.mark.parametrize("upfront", [True, False], ids=["size-known", "filled-midway"])
+@pytest.mark.parametrize("kind", FETCHES)
+def test_full_download_dir_is_one_line_and_leaves_nothing(
+    bee, gw, tmp_path, monkeypatch, kind, upfront
+):
+    """A boot file bigger than the (tmpfs) download directory: refused before the download
+    when its size is known, or named when the disk fills up mid-way (in any writer thread);
+    either way nothing is left behind and the fix is named."""
+    data = os.urandom(3 << 20)
+    if not upfront:  # the up-front check off: the writes themselves hit ENOSPC
+        monkeypatch.setattr(output_file, "check_space", lambda *a: None)
+    with mounted_tmpfs(tmp_path / "small", "2m") as small:
+        with pytest.raises(output_file.WriteFailed) as ei:
+            _fetch_into(kind, bee, gw, data, small / "initrd")
+        msg = one_line(ei.value)
+        if upfront:
+            assert msg.startswith(f"{small} has 2.0 MiB free but initrd takes 3.0 MiB: ")
+        else:
+            assert msg.startswith(f"{small} is full (0.0 MiB left): initrd.part could not")
+        assert msg.endswith(
+            "free space there or download to a larger filesystem (client.download_dir or "
+            "--output; the ramdisk's is RAM)"
+        )
+        assert os.listdir(small) == []
+        got = _fetch_into(kind, bee, gw, data[: 1 << 20], small / "initrd")  # what fits does
+        assert (small / "initrd").read_bytes() == data[: 1 << 20] and got.size == 1 << 20
 
 
 def one_line(exc: BaseException) -> str:

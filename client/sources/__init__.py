@@ -22,6 +22,7 @@ from pathlib import Path
 from bootlink.common.bootimage import BootImage
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
+from bootlink.common.output_file import make_dir
 
 from .resolvers import (
     Resolver,
@@ -51,7 +52,7 @@ def resolve(spec: str, cfg: Config, workdir: Path, progress: bool = True) -> lis
     if fn is None:
         known = ", ".join(sorted(SOURCE_KINDS))
         raise BootlinkError(f"source '{spec}': unknown kind '{kind}'; known kinds: {known}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_dir(workdir)
     return fn(spec.strip(), cfg, workdir, progress)
 
 

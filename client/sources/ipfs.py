@@ -32,6 +32,7 @@ from bootlink.common import ipfs, sha256_lanes
 from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.ipfs import CID
 from bootlink.common.log import Progress
+from bootlink.common.output_file import OutputFile
 
 from ._http import HttpClient, HttpError, TooLarge, error_text
 
@@ -78,7 +79,7 @@ def _hash_and_write(
     buf: mmap.mmap,
     sections: list[tuple[CID, int, int]],
     writes: list[tuple[bytes | memoryview, int, int]],
-    fd: int,
+    out: OutputFile,
 ) -> int | None:
     """Check each section's block against its CID and write the file data taken from it;
     the index of the first bad block. Runs on a worker thread: the SHA-256 blocks of the
@@ -99,18 +100,11 @@ def _hash_and_write(
         elif not cid.verify(bytes(view[start:end])):
             return i
         while w < len(writes) and writes[w][2] <= i:
-            _pwrite_all(fd, writes[w][0], writes[w][1])
+            out.pwrite(writes[w][0], writes[w][1])
             w += 1
     for data, offset, _ in writes[w:]:  # blocks kept from earlier buffers
-        _pwrite_all(fd, data, offset)
+        out.pwrite(data, offset)
     return None
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    out = memoryview(data)
-    while out:  # a regular file takes it all at once, barring errors
-        n = os.pwrite(fd, out, offset)
-        out, offset = out[n:], offset + n
 
 
 class _CarBlocks:
@@ -130,8 +124,8 @@ class _CarBlocks:
     wants_hints = False
     stable_blocks = False
 
-    def __init__(self, http: HttpClient, root: CID, fd: int, max_buffer: int = 256 << 20):
-        self.http, self.root, self.fd, self.max_buffer = http, root, fd, max_buffer
+    def __init__(self, http: HttpClient, root: CID, out: OutputFile, max_buffer: int = 256 << 20):
+        self.http, self.root, self.out, self.max_buffer = http, root, out, max_buffer
         self._pool = ThreadPoolExecutor(max_workers=CAR_WORKERS, thread_name_prefix="ipfs-hash")
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._allocated = 0
@@ -234,7 +228,7 @@ class _CarBlocks:
         """The current buffer's sections (all walked by now) go to a worker."""
         if self._sections or self._writes:
             job = self._pool.submit(
-                _hash_and_write, self.buf, self._sections, self._writes, self.fd
+                _hash_and_write, self.buf, self._sections, self._writes, self.out
             )
             job.add_done_callback(lambda _f, buf=self.buf: self._free.put(buf))
             self._jobs.append((job, self._sections))
@@ -250,11 +244,9 @@ class _CarBlocks:
             job, sections = self._jobs.popleft()
             try:
                 bad = job.result()
-            except OSError as exc:
-                self.close()
-                raise BootlinkError(
-                    f"cannot write the download: {exc.strerror or exc}; is the disk full?"
-                ) from None
+            except BaseException:
+                self.close()  # e.g. WriteFailed: the disk is full
+                raise
             if bad is not None:
                 self.close()
                 raise IpfsBlockError(
@@ -268,7 +260,7 @@ class _CarBlocks:
         """Check every block received so far (before reporting another error)."""
         try:
             if self._sections:
-                bad = _hash_and_write(self.buf, self._sections, [], self.fd)
+                bad = _hash_and_write(self.buf, self._sections, [], self.out)
                 if bad is not None:
                     self._jobs.append((_done(bad), self._sections))
             self._settle()
@@ -439,8 +431,8 @@ class _RawBlocks:
     wants_hints = True
     stable_blocks = True
 
-    def __init__(self, http: HttpClient, workers: int, fd: int) -> None:
-        self.http, self.fd = http, fd
+    def __init__(self, http: HttpClient, workers: int, out: OutputFile) -> None:
+        self.http, self.out = http, out
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ipfs")
         self.futures: dict[bytes, Future] = {}
         self.window = workers * 2
@@ -488,7 +480,7 @@ class _RawBlocks:
         return self.fetched
 
     def write(self, data: bytes | memoryview, offset: int) -> None:
-        _pwrite_all(self.fd, data, offset)
+        self.out.pwrite(data, offset)
 
     def check(self) -> None:
         pass  # every block was checked before get() returned it
@@ -518,26 +510,22 @@ def fetch(
     if mode not in MODES:
         raise BootlinkError(f"ipfs fetch mode must be one of {', '.join(MODES)}, not {mode!r}")
     http = HttpClient(gateway, timeout, what="IPFS gateway URL")
-    tmp = output.with_name(output.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     source = None
-    try:
-        source = _CarBlocks(http, root, fd) if mode == "car" else _RawBlocks(http, workers, fd)
-        walker = _Walker(
-            source, str(http.base), max_size, progress, label or f"ipfs {root.short()}"
-        )
-        size = walker.run(root)
-        source.finish()  # every block checked, all data written
-        os.fsync(fd)
-    except BaseException:
-        if source is not None:
-            source.close()  # first: no worker may still write to the file
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    source.close()
-    os.close(fd)
-    os.replace(tmp, output)
+    with OutputFile(output) as out:
+        try:
+            if mode == "car":
+                source = _CarBlocks(http, root, out)
+            else:
+                source = _RawBlocks(http, workers, out)
+            walker = _Walker(
+                source, str(http.base), max_size, progress, label or f"ipfs {root.short()}"
+            )
+            size = walker.run(root)
+            source.finish()  # every block checked, all data written
+        finally:
+            if source is not None:
+                source.close()  # before the file goes: no worker may still write to it
+        out.commit()
     if walker.prog:
         walker.prog.finish()
     return IpfsFetch(root, size, walker.blocks, str(http.base), mode)
@@ -652,6 +640,7 @@ class _Walker:
                     "boot file; is this the right CID?"
                 )
             self._filesize_hint = total
+            self.source.out.expect(total)
         if node.data:
             self._write(node.data)
         return list(zip(node.links, node.blocksizes, strict=True))

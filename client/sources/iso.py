@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bootlink.common.bootimage import BootImage, Provenance, sha256_file
 from bootlink.common.errors import BootlinkError
+from bootlink.common.output_file import OutputFile, make_dir
 
 log = logging.getLogger("bootlink.sources.iso")
 
@@ -142,8 +143,9 @@ class _Iso:
         return current
 
     def extract(self, stored: str, dest: Path) -> None:
-        with open(dest, "wb") as f:
-            self.facade.get_file_from_iso_fp(f, stored)
+        with OutputFile(dest, durable=False) as out:
+            self.facade.get_file_from_iso_fp(out, stored)  # it only calls write()
+            out.commit()
 
 
 def _first(names: dict[str, str], patterns: list[str]) -> str | None:
@@ -283,7 +285,7 @@ def image_from_iso(
 ) -> BootImage:
     """Extract kernel + initrd into `workdir` and describe how to boot them."""
     info = inspect(iso_path)
-    workdir.mkdir(parents=True, exist_ok=True)
+    make_dir(workdir)
     kernel = workdir / "vmlinuz"
     initrd = workdir / "initrd.img"
     iso = _Iso(iso_path)

@@ -21,6 +21,7 @@ from bootlink.common import swarm as swarm_codec
 from bootlink.common.bootimage import BootImage, Provenance, sha256_file
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError, ConfigError
+from bootlink.common.output_file import make_dir
 from bootlink.common.signing import (
     MAX_ENVELOPE,
     FileEntry,
@@ -64,8 +65,7 @@ def strip_kind(spec: str, kind: str) -> str:
 
 def spec_dir(workdir: Path, spec: str, kind: str) -> Path:
     d = workdir / f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return make_dir(d)
 
 
 def is_allowed_unsigned(spec: str, cfg: Config) -> bool:

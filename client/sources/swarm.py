@@ -38,6 +38,7 @@ from pathlib import Path
 from bootlink.common import swarm
 from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.log import Progress
+from bootlink.common.output_file import OutputFile
 
 from . import _pipeline
 from ._http import HttpClient, HttpError, TooLarge, error_text
@@ -161,44 +162,38 @@ def fetch(
             f"swarm:{reference.hex()} claims {root_span} bytes, over the {max_size}-byte "
             "limit for a boot file; is this the right reference?"
         )
-    tmp = output.with_name(output.name + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     prog = Progress(label or f"swarm {reference.hex()[:12]}", root_span) if progress else None
     count = 1
-    try:
-        os.ftruncate(fd, root_span)
+    with OutputFile(output, size=root_span) as out:
+        out.truncate(root_span)
         if root_span <= swarm.CHUNK_SIZE:
-            _write_leaf(fd, reference, 0, root_span, root_payload, bee.url)
+            _write_leaf(out, reference, 0, root_span, root_payload, bee.url)
             if prog:
                 prog.advance(root_span)
         elif mode == "stream":
-            count = _fetch_stream(bee, fd, reference, root_span, root_payload, workers, prog)
+            count = _fetch_stream(bee, out, reference, root_span, root_payload, workers, prog)
         else:
-            count = _fetch_tree(bee, fd, reference, root_span, root_payload, workers, prog)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, output)
+            count = _fetch_tree(bee, out, reference, root_span, root_payload, workers, prog)
+        out.commit()
     if prog:
         prog.finish()
     return SwarmFetch(reference, root_span, count, bee.url)
 
 
-def _write_leaf(fd: int, addr: bytes, offset: int, span: int, payload: bytes, url: str) -> None:
+def _write_leaf(
+    out: OutputFile, addr: bytes, offset: int, span: int, payload: bytes, url: str
+) -> None:
     if len(payload) != span:
         raise SwarmChunkError(
             f"swarm chunk {addr.hex()} from {url} is a data chunk of span {span} with "
             f"{len(payload)} bytes: the tree is malformed; the reference is not a plain file"
         )
-    os.pwrite(fd, payload, offset)
+    out.pwrite(payload, offset)
 
 
 def _fetch_tree(
     bee: BeeClient,
-    fd: int,
+    out: OutputFile,
     root: bytes,
     span: int,
     payload: bytes,
@@ -218,7 +213,7 @@ def _fetch_tree(
                 f"parent says {expected}: the tree is malformed"
             )
         if got_span <= swarm.CHUNK_SIZE:
-            _write_leaf(fd, addr, offset, got_span, got, bee.url)
+            _write_leaf(out, addr, offset, got_span, got, bee.url)
             if prog:
                 with lock:
                     prog.advance(got_span)
@@ -281,7 +276,7 @@ def _keep(into: dict, item: tuple, span: int, payload: bytes) -> list:
 
 def _fetch_stream(
     bee: BeeClient,
-    fd: int,
+    out: OutputFile,
     root: bytes,
     span: int,
     payload: bytes,
@@ -315,7 +310,7 @@ def _fetch_stream(
             "or --swarm-mode chunks"
         )
     try:
-        _receive_and_hash(resp, fd, span, computed, url, prog)
+        _receive_and_hash(resp, out, span, computed, url, prog)
     except BaseException:
         bee.http.close()  # whatever is left unread on the connection is not reused
         raise
@@ -335,7 +330,7 @@ def _fetch_stream(
 
 def _receive_and_hash(
     resp: http.client.HTTPResponse,
-    fd: int,
+    out: OutputFile,
     span: int,
     computed: bytearray,
     url: str,
@@ -362,7 +357,7 @@ def _receive_and_hash(
     def digest(buf: bytearray, off: int, length: int, start: int) -> None:
         swarm.leaf_addresses_into(buf, off, length, computed, 32 * (start // swarm.CHUNK_SIZE))
         with write_lock:
-            _write_all(fd, memoryview(buf)[off : off + length], start)
+            out.pwrite(memoryview(buf)[off : off + length], start)
 
     with ThreadPoolExecutor(max_workers=hashers, thread_name_prefix="bmt") as pool:
         pending: deque[Future] = deque()
@@ -434,12 +429,6 @@ def _recycle_when_done(jobs: list[Future], buf: bytearray, free: queue.SimpleQue
 
     for job in jobs:
         job.add_done_callback(done)
-
-
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:  # a regular file takes it all at once, barring errors
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def _name_bad_leaf(

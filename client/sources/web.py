@@ -9,7 +9,6 @@ temporary name, is hashed on the fly, and is renamed only when the hash matches.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from bootlink.common.errors import BootlinkError, Interrupted, ProtocolError
 from bootlink.common.log import Progress
+from bootlink.common.output_file import OutputFile
 
 from ._http import HttpClient, HttpError, TooLarge, error_text
 
@@ -107,10 +107,9 @@ def fetch(
         raise TooLarge(f"{url} is {total} bytes, over the {max_size}-byte limit")
     prog = Progress(label or Path(u.path).name or url, total) if progress else None
     h = hashlib.sha256()
-    tmp = output.with_name(output.name + ".part")
     size = 0
     try:
-        with open(tmp, "wb") as out:
+        with OutputFile(output, size=total or None) as out:
             while True:
                 try:
                     block = resp.read1(1 << 20)
@@ -131,20 +130,15 @@ def fetch(
                 raise Interrupted(
                     f"download of {url} ended after {size} of {total} bytes: truncated; retry"
                 )
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise HashMismatch(
-                f"{url} has sha256 {digest}, not the {sha256} the spec pins: the server sent "
-                "other bytes (tampered or a different version); do not boot it"
-            )
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+            digest = h.hexdigest()
+            if sha256 is not None and digest != sha256:
+                raise HashMismatch(
+                    f"{url} has sha256 {digest}, not the {sha256} the spec pins: the server "
+                    "sent other bytes (tampered or a different version); do not boot it"
+                )
+            out.commit()
+    finally:
         http.close()
-        raise
-    http.close()
-    os.replace(tmp, output)
     if prog:
         prog.finish()
     return WebFetch(url, size, digest)
