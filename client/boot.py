@@ -7,12 +7,14 @@ with more keys, never renamed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,30 +75,62 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
     """Every configured source's images, then the menu (the link ranks first)."""
     workdir = Path(cfg.client.download_dir)
     images, errors = [], []
-    lan_ready = False
-    for spec in cfg.client.sources:
-        try:
-            resolve = _resolver_for(spec)
-            if not lan_ready and spec.strip() != "link":
-                from . import lan  # (imported only for other sources, as they are)
-
-                if lan.needs_lan([spec]):
-                    lan_ready = True  # once, right before the first source that needs it
-                    lan.ensure_lan(cfg.client.lan)
-            make_dir(workdir)
-            found = _resolve_patiently(resolve, spec.strip(), cfg, workdir, progress)
-            if resolve is not resolve_link:  # the link puts it after its NBD words itself
-                found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]
-            images.extend(found)
-        except BootlinkError as exc:
-            if len(cfg.client.sources) == 1:
-                raise  # the one source's own one-line error says it best
-            log.warning("source %s: %s", spec, exc)
-            errors.append(f"{spec}: {exc}")
+    with contextlib.ExitStack() as services:  # a Bee node we started, stopped before the menu
+        reach = _Reach(services, workdir)
+        for spec in cfg.client.sources:
+            try:
+                resolve = _resolver_for(spec)
+                make_dir(workdir)
+                spec_cfg = reach.prepare(spec.strip(), cfg)
+                found = _resolve_patiently(resolve, spec.strip(), spec_cfg, workdir, progress)
+                if resolve is not resolve_link:  # the link puts it after its NBD words itself
+                    found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]
+                images.extend(found)
+            except BootlinkError as exc:
+                if len(cfg.client.sources) == 1:
+                    raise  # the one source's own one-line error says it best
+                log.warning("source %s: %s", spec, exc)
+                errors.append(f"{spec}: {exc}")
     if not images:
         raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
     images.sort(key=lambda img: img.provenance.source != "link")
     return menu.choose(images, timeout=cfg.client.menu_timeout)
+
+
+@dataclass
+class _Reach:
+    """What sources other than the link need, set up once, right before the first source
+    that needs it: the LAN (lan.py), and for swarm: a Bee node of our own if
+    client.bee_node names one (bee_node.py; the sources then use it instead of bee_api).
+    Imported only then, as the sources are: the laptop link needs none of it."""
+
+    services: contextlib.ExitStack
+    workdir: Path
+    lan_done: bool = False
+    bee: str | BootlinkError | None = None  # our node's URL, or why it did not start
+
+    def prepare(self, spec: str, cfg: Config) -> Config:
+        if spec == "link":
+            return cfg
+        from . import lan, sources
+
+        if not self.lan_done and lan.needs_lan([spec]):
+            self.lan_done = True
+            lan.ensure_lan(cfg.client.lan)
+        if not cfg.client.bee_node or sources.spec_kind(spec) != "swarm":
+            return cfg
+        if self.bee is None:
+            from . import bee_node
+
+            try:
+                self.bee = self.services.enter_context(
+                    bee_node.running(cfg.client.bee_node, self.workdir)
+                )
+            except BootlinkError as exc:
+                self.bee = exc  # every swarm: source fails the same way, without retrying
+        if isinstance(self.bee, BootlinkError):
+            raise self.bee
+        return dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, bee_api=self.bee))
 
 
 ATTEMPTS = 3  # a source whose transfer broke off (not one whose bytes were wrong)

@@ -33,7 +33,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bootlink.common import net
+from bootlink.common import net, process
 from bootlink.common.errors import BootlinkError
 
 log = logging.getLogger("bootlink.lan")
@@ -214,13 +214,9 @@ def first_lease(nics: list[str], timeout: float) -> Lease | None:
             sel.close()
             for p in procs:
                 if p.poll() is None:
-                    p.terminate()
+                    p.terminate()  # all at once, then wait for each
             for p in procs:
-                try:
-                    p.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                process.stop(p, grace=2)
                 p.stdout.close()
 
 

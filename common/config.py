@@ -55,6 +55,9 @@ class ClientConfig:
     download_dir: str = "/run/bootlink"  # tmpfs in the ramdisk; kernel+initrd land here
     # Sources other than the laptop link (swarm:<ref>, ipfs:<cid>, https://...):
     bee_api: str = "http://localhost:1633"  # Bee node API used for swarm: sources
+    # A Bee binary to run as an ultra-light node for swarm: sources instead (in the
+    # ramdisk: /usr/local/bin/bee from `ramdisk build --bee`). "" = use bee_api.
+    bee_node: str = ""
     ipfs_gateway: str = "http://localhost:8080"  # trustless gateway used for ipfs: sources
     trusted_keys: list[str] = field(default_factory=list)  # Ed25519 public keys (files or hex)
     allow_unsigned: list[str] = field(default_factory=list)  # source specs allowed unsigned

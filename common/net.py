@@ -112,6 +112,14 @@ def bring_up(ipr: IPRoute, nic: Nic, mtu: int | None = None) -> None:
         raise LinkError(f"cannot bring up {nic.name}: {os.strerror(exc.code)}") from None
 
 
+def loopback_up() -> None:
+    """lo up: the ramdisk boots with it down, and a local service (a Bee node the client
+    starts) listens on 127.0.0.1, which exists only while lo is up."""
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname="lo"):
+            ipr.link("set", index=index, state="up")
+
+
 def link_local_address(ipr: IPRoute, index: int) -> str | None:
     """The NIC's usable (non-tentative) fe80:: address, or None yet."""
     try:

@@ -47,6 +47,7 @@ DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z, when SOURCE_DATE_EPOCH is no
 # start ~0.25 s sooner under emulation for 2.7 MB more (27.3 instead of 24.6 MB).
 DEFAULT_ZSTD_LEVEL = 9
 FILES_DIR = Path(__file__).resolve().parent / "files"
+BEE_PATH = "/usr/local/bin/bee"  # where --bee puts the Bee binary (client.bee_node)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,6 +65,7 @@ class BuildOptions:
     use_cache: bool = True
     sources: tuple[Path, ...] = ()  # apt sources files; default: the host's Debian ones
     source_root: Path | None = None  # a bootlink checkout to install; default: this one
+    bee: Path | None = None  # a Bee binary to carry at BEE_PATH (optional)
 
 
 @dataclass
@@ -445,21 +447,58 @@ def config_layer(cfg: Config, dest: Path, epoch: int, embed: dict[str, Path] | N
         fd = os.open(etc / "key", os.O_WRONLY | os.O_CREAT, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.secret)
-        for rel, src in sorted((embed or {}).items()):
-            dst = root / rel.lstrip("/")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-        for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-            os.chmod(d, 0o755)
-        tree = root.parent / (root.name + ".cpio")
-        try:
-            pack.pack_cpio(root, tree, epoch)
-            os.chmod(tree, 0o600)  # zstd gives the output the input's mode
-            size = pack.zstd_compress(tree, dest, level=3)
-            os.chmod(dest, 0o600)
-            return size
-        finally:
-            tree.unlink(missing_ok=True)
+        _copy_into(root, embed or {})
+        return _pack_layer(root, dest, epoch, 0o600)  # the key is in it
+
+
+def check_bee_binary(binary: Path) -> None:
+    """Refused before the build starts, not after its minutes of work."""
+    try:
+        with open(binary, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        head = b""
+        why = exc.strerror
+    else:
+        why = "not an executable program"
+    if (head != b"\x7fELF" and not head.startswith(b"#!")) or not os.access(binary, os.X_OK):
+        raise BootlinkError(
+            f"--bee {binary}: {why}: pass the Bee binary for linux/amd64 (a release from "
+            "github.com/ethersphere/bee, made executable)"
+        )
+
+
+def bee_layer(binary: Path, dest: Path, epoch: int) -> int:
+    """A zstd cpio with a Bee binary at BEE_PATH (client.bee_node runs it for swarm:
+    sources when the desktop's LAN has no Bee node)."""
+    check_bee_binary(binary)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _copy_into(root, {BEE_PATH: binary})
+        return _pack_layer(root, dest, epoch, 0o644)
+
+
+def _copy_into(root: Path, files: dict[str, Path]) -> None:
+    """in-image path -> host file, modes kept (a program stays executable)."""
+    for rel, src in sorted(files.items()):
+        dst = root / rel.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        shutil.copymode(src, dst)
+
+
+def _pack_layer(root: Path, dest: Path, epoch: int, mode: int) -> int:
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        os.chmod(d, 0o755)
+    tree = root.parent / (root.name + ".cpio")
+    try:
+        pack.pack_cpio(root, tree, epoch)
+        os.chmod(tree, mode)  # zstd gives the output the input's mode
+        size = pack.zstd_compress(tree, dest, level=3)
+        os.chmod(dest, mode)
+        return size
+    finally:
+        tree.unlink(missing_ok=True)
 
 
 def _hash_tree(h: hashlib._Hash, base: Path) -> None:
@@ -602,6 +641,8 @@ def build(opts: BuildOptions) -> BuildResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BootlinkError(f"cannot create {out}: {exc.strerror}; pass another --output") from None
+    if opts.bee:
+        check_bee_binary(opts.bee)
     pkgs = packages.package_list(opts.with_kexec_tools)
     if opts.variant == "full":
         pkgs = packages.package_list(True, ["systemd-sysv"])
@@ -625,8 +666,12 @@ def build(opts: BuildOptions) -> BuildResult:
             layer, bl_facts = bootlink_layer(rootfs, opts, work)
             layer_path_bl = out / "bootlink.cpio.zst"
             shutil.copyfile(layer, layer_path_bl)
+            layers = [system, layer]
+            if opts.bee:
+                layers.append(out / "bee.cpio.zst")
+                bee_layer(opts.bee, layers[-1], opts.epoch)
             # One file for both roles: Linux unpacks concatenated archives in order.
-            _concat([system, layer], out / "ramdisk.cpio.zst")
+            _concat(layers, out / "ramdisk.cpio.zst")
             shutil.copyfile(kernel.vmlinuz, out / "vmlinuz")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -659,6 +704,7 @@ def build(opts: BuildOptions) -> BuildResult:
             "layers": {
                 "system": sha256_file(system_path),
                 "bootlink": sha256_file(layer_path_bl),
+                **({"bee": sha256_file(out / "bee.cpio.zst")} if opts.bee else {}),
             },
             "bootlink_files": bl_facts["bootlink_files"],
             "uncompressed_bytes": cpio_size,

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--zstd-level", type=int, default=None, help="zstd level (default: fast to unpack)"
     )
     b.add_argument("--with-kexec-tools", action="store_true", help="add kexec-tools (fallback)")
+    b.add_argument(
+        "--bee", type=Path, metavar="FILE",
+        help="carry this Bee binary at /usr/local/bin/bee (for client.bee_node)",
+    )  # fmt: skip
     b.add_argument("--kernel", help="kernel package[=version] (default: linux-image-amd64's)")
     b.add_argument("--no-cache", action="store_true", help="rebuild the root and layers")
     b.add_argument("--sources", type=Path, action="append", help="apt sources file(s)")
@@ -98,6 +102,7 @@ def _build(args: argparse.Namespace) -> int:
         epoch=source_date_epoch(),
         zstd_level=args.zstd_level or DEFAULT_ZSTD_LEVEL,
         with_kexec_tools=args.with_kexec_tools,
+        bee=args.bee,
         kernel_package=args.kernel,
         variant=args.variant,
         use_cache=not args.no_cache,

@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 from pathlib import Path
 
+from bootlink.common import process
 from bootlink.common.errors import BootlinkError
 
 from .mounts import mounts_of
@@ -160,16 +160,4 @@ class NbdExport:
             self.listener.close()
         self._thread.join(timeout=2)
         for proc in procs:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL: nbdkit may ignore SIGTERM while a dead peer's socket is open."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+            process.stop(proc)  # nbdkit may ignore SIGTERM while a dead peer's socket is open

@@ -145,6 +145,32 @@ def test_config_layer_holds_config_and_key_0600(tmp_path):
     assert (out / "etc/bootlink/boot/vmlinuz").read_bytes() == b"kernel bytes"
 
 
+def test_bee_layer_carries_an_executable_bee_and_refuses_anything_else(tmp_path):
+    bee = tmp_path / "bee"
+    bee.write_bytes(b"\x7fELF" + os.urandom(1000))
+    bee.chmod(0o755)
+    layer = tmp_path / "bee.cpio.zst"
+    build.bee_layer(bee, layer, 1_700_000_000)
+    raw = subprocess.run(["zstd", "-dc", str(layer)], capture_output=True, check=True).stdout
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=out, check=True)
+    got = out / build.BEE_PATH.lstrip("/")
+    assert got.read_bytes() == bee.read_bytes()
+    assert stat.S_IMODE(got.stat().st_mode) == 0o755  # client.bee_node runs it
+    # refused before a build starts: not executable, not a program, missing
+    bee.chmod(0o644)
+    with pytest.raises(BootlinkError, match=r"^--bee .*: not an executable program: pass"):
+        build.check_bee_binary(bee)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a program")
+    text.chmod(0o755)
+    with pytest.raises(BootlinkError, match="not an executable program"):
+        build.check_bee_binary(text)
+    with pytest.raises(BootlinkError, match="No such file or directory: pass the Bee binary"):
+        build.check_bee_binary(tmp_path / "missing")
+
+
 def test_install_bootlink_copies_sources_per_package_dir(tmp_path):
     n = build.install_bootlink(tmp_path)
     dist = tmp_path / "usr/lib/python3/dist-packages/bootlink"

@@ -216,22 +216,14 @@ def test_publish_fetch_roundtrip_over_netns(tmp_path, capsys, image_files):
 
 @pytest.fixture
 def bee():
-    state = fake_bee.BeeState()
-    srv = fake_bee.make_server("127.0.0.1", 0, state)
-    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
-    yield state, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with fake_bee.serving() as node:
+        yield node
 
 
 @pytest.fixture
 def gw():
-    state = fake_ipfs.IpfsState()
-    srv = fake_ipfs.make_server("127.0.0.1", 0, state)
-    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
-    yield state, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with fake_ipfs.serving() as node:
+        yield node
 
 
 FETCHES = ["swarm-stream", "swarm-chunks", "ipfs-car", "ipfs-raw", "web"]

@@ -16,16 +16,28 @@ Faults for tests: `corrupt` (chunk addresses served with one payload byte flippe
 
 Run standalone (e.g. inside a network namespace): python bee.py --listen ADDR --port N;
 it prints "READY <port>" once listening.
+
+As the `bee` binary itself (client.bee_node): `bee.py start --config FILE` reads Bee's
+YAML options the way `bee start` does (unknown options refused, ultra-light settings
+checked, keys written to data-dir), serves the API on `api-addr`, answers GET
+/readiness and /peers as Bee does (not ready / no peers for $BOOTLINK_FAKE_BEE_WARMUP
+seconds), and retrieves the chunks it lacks from "the Swarm network": the fake node at
+$BOOTLINK_FAKE_SWARM (its /chunks), as an ultra-light node retrieves from its peers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import socket
 import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from bootlink.common import swarm
 
@@ -46,6 +58,8 @@ class BeeState:
         self.requests = 0
         self.lock = threading.Lock()
         self._tag = 0
+        self.network: str | None = None  # a node to retrieve missing chunks from
+        self.warm_at = 0.0  # time.monotonic() before which it is not ready and has no peers
 
     def store_bytes(self, data: bytes) -> bytes:
         def sink(addr: bytes, span: int, payload: bytes) -> None:
@@ -59,12 +73,28 @@ class BeeState:
             return self._tag
 
     def chunk(self, addr: bytes) -> tuple[int, bytes] | None:
+        if addr not in self.chunks and self.network and addr not in self.missing:
+            self._retrieve(addr)
         if addr in self.missing or addr not in self.chunks:
             return None
         span, payload = self.chunks[addr]
         if addr in self.corrupt and payload:
             payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
         return span, payload
+
+    def _retrieve(self, addr: bytes) -> None:
+        """From "the network", checked as Bee checks retrieved content-addressed chunks."""
+        try:
+            with urllib.request.urlopen(f"{self.network}/chunks/{addr.hex()}", timeout=10) as r:
+                span, payload = swarm.unpack_chunk(r.read())
+        except (OSError, ValueError):
+            return  # not retrievable (now): a 404 for the client, as Bee answers
+        if swarm.chunk_address(span, payload) == addr:
+            self.chunks[addr] = (span, payload)
+
+    @property
+    def warm(self) -> bool:
+        return time.monotonic() >= self.warm_at
 
     def iter_file(self, ref: bytes):
         """Depth-first join of a stored file (what GET /bytes streams)."""
@@ -163,8 +193,15 @@ class BeeHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.state.requests += 1
         path = self.path.split("?", 1)[0]
+        version = {"version": "2.6.0-fake", "apiVersion": "7.3.0"}
         if path == "/health":
-            self._json(200, {"status": "ok", "version": "2.6.0-fake", "apiVersion": "7.3.0"})
+            self._json(200, {"status": "ok", **version})
+        elif path == "/readiness":
+            warm = self.state.warm
+            self._json(200 if warm else 400, {"status": "ready" if warm else "notReady", **version})
+        elif path == "/peers":
+            peers = [{"address": f"{i:064x}", "fullNode": True} for i in range(1, 9)]
+            self._json(200, {"peers": peers if self.state.warm else []})
         elif path == "/stamps":
             self._json(200, {"stamps": [_stamp()]})
         elif path.startswith("/chunks/"):
@@ -275,16 +312,75 @@ def make_server(host: str = "127.0.0.1", port: int = 0, state: BeeState | None =
     return cls((host, port), handler)
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0):
-    """(server, base URL); stop with server.shutdown(); server.server_close()."""
-    srv = make_server(host, port)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+@contextlib.contextmanager
+def serving(state: BeeState | None = None, host: str = "127.0.0.1", port: int = 0):
+    """(state, base URL) of a fake node serving in a thread until the block ends."""
+    state = state or BeeState()
+    srv = make_server(host, port, state)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     h, p = srv.server_address[:2]
-    url = f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
-    return srv, url
+    try:
+        yield state, f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# `bee start` options (Bee 2.x, cmd/bee/cmd/cmd.go): bee refuses any other
+KNOWN_OPTIONS = {
+    "data-dir", "cache-capacity", "db-open-files-limit", "db-block-cache-capacity",
+    "db-write-buffer-size", "db-disable-seeks-compaction", "password", "password-file",
+    "api-addr", "p2p-addr", "nat-addr", "p2p-ws-enable", "bootnode", "network-id",
+    "welcome-message", "cors-allowed-origins", "tracing-enable", "tracing-endpoint",
+    "tracing-host", "tracing-port", "tracing-service-name", "verbosity",
+    "payment-threshold", "payment-tolerance-percent", "payment-early-percent",
+    "resolver-options", "bootnode-mode", "swap-factory-address", "swap-initial-deposit",
+    "swap-enable", "chequebook-enable", "full-node", "postage-stamp-address",
+    "postage-stamp-start-block", "price-oracle-address", "redistribution-address",
+    "staking-address", "block-time", "block-sync-interval", "warmup-time", "mainnet",
+    "cache-retrieval", "resync", "static-nodes", "allow-private-cidrs", "sleep-after",
+    "storage-incentives-enable", "statestore-cache-capacity", "target-neighborhood",
+    "neighborhood-suggester", "blockchain-rpc-endpoint", "use-simd-hashing",
+}  # fmt: skip
+
+
+def bee_start(config: Path) -> int:
+    """`bee start --config FILE`, as far as bootlink's use of it goes."""
+    import yaml
+
+    opts = yaml.safe_load(config.read_text()) or {}
+    unknown = sorted(set(opts) - KNOWN_OPTIONS)
+    if unknown:
+        print(f"Error: unknown parameters: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    if opts.get("swap-enable", True) and not opts.get("blockchain-rpc-endpoint"):
+        print("Error: swap-enable requires a blockchain-rpc-endpoint", file=sys.stderr)
+        return 1
+    if opts.get("full-node") or opts.get("storage-incentives-enable", True) is not False:
+        print("Error: a full node needs a blockchain-rpc-endpoint", file=sys.stderr)
+        return 1
+    if not opts.get("password") and not opts.get("password-file"):
+        print("Error: password is required (password or password-file)", file=sys.stderr)
+        return 1
+    keys = Path(opts["data-dir"]) / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    (keys / "swarm.key").write_text(json.dumps({"crypto": "fake, encrypted"}))
+    host, _, port = opts.get("api-addr", ":1633").rpartition(":")
+    state = BeeState()
+    state.network = os.environ.get("BOOTLINK_FAKE_SWARM")
+    state.warm_at = time.monotonic() + float(os.environ.get("BOOTLINK_FAKE_BEE_WARMUP", "1"))
+    srv = make_server(host or "0.0.0.0", int(port), state)
+    print(f'"level"="warning" "msg"="fake bee node listening on {host}:{port}"', flush=True)
+    srv.serve_forever()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["start"]:
+        sp = argparse.ArgumentParser(prog="bee start")
+        sp.add_argument("--config", type=Path, required=True)
+        return bee_start(sp.parse_args(argv[1:]).config)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=1633)

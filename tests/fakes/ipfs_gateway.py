@@ -21,6 +21,7 @@ Run standalone: python ipfs_gateway.py --listen ADDR --port N (prints "READY <po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -336,12 +337,18 @@ def make_server(host: str = "127.0.0.1", port: int = 0, state: IpfsState | None 
     return cls((host, port), handler)
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0):
-    srv = make_server(host, port)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+@contextlib.contextmanager
+def serving(state: IpfsState | None = None, host: str = "127.0.0.1", port: int = 0):
+    """(state, base URL) of a fake node serving in a thread until the block ends."""
+    state = state or IpfsState()
+    srv = make_server(host, port, state)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     h, p = srv.server_address[:2]
-    url = f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
-    return srv, url
+    try:
+        yield state, f"http://[{h}]:{p}" if ":" in h else f"http://{h}:{p}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:

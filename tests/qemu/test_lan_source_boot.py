@@ -6,7 +6,9 @@ a DHCP server (busybox udhcpd), a Bee node and an IPFS gateway (the fakes, speak
 their APIs) at 10.77.0.1. The client must bring the NIC up, take a lease (client.lan:
 auto), fetch the signed manifest and the files it pins, verified chunk by chunk or block
 by block, and kexec the image's kernel, whose tiny initrd prints a marker with its
-command line.
+command line. A third case has no Bee node on the LAN at all: the ramdisk carries a `bee`
+binary (`ramdisk build --bee`; here the fake node run as `bee start`, retrieving from
+the fake at 10.77.0.1 as from the Swarm network) and client.bee_node starts it.
 
 Slow: marked `qemu`. Needs root (namespace, tap), busybox-static, kexec in the guest.
 """
@@ -23,7 +25,7 @@ import pytest
 
 from bootlink.common.config import config_from_dict
 from bootlink.common.keys import generate_key_file
-from bootlink.ramdisk import e2e, qemu
+from bootlink.ramdisk import build, e2e, qemu
 
 pytestmark = [
     pytest.mark.qemu,
@@ -104,9 +106,18 @@ def lan(tmp_path):
                 p.wait(timeout=10)
 
 
-@pytest.mark.parametrize("to", ["swarm", "ipfs"])
-def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, to):
+BEE_LAUNCHER = """#!/bin/sh
+# the fake node as the `bee` binary; "the Swarm network" is the LAN's fake at 10.77.0.1
+export BOOTLINK_FAKE_SWARM=http://10.77.0.1:1633 BOOTLINK_FAKE_BEE_WARMUP=2
+exec python3 /usr/local/lib/bee-fake/bee.py "$@"
+"""
+
+
+@pytest.mark.parametrize("case", ["swarm", "ipfs", "swarm-own-node"])
+def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, case):
     ns, tap = lan
+    to = case.split("-")[0]
+    own_node = case == "swarm-own-node"
     art = e2e.prepare(CACHE, tmp_path / "ramdisk")
     initrd = _target_initrd(tmp_path)
     sign_key = tmp_path / "sign.key"
@@ -133,7 +144,9 @@ def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, to):
             "key": str(key),
             "client": {
                 "sources": [spec],
-                "bee_api": "http://10.77.0.1:1633",
+                # with its own node, nothing on the LAN answers as a Bee API
+                "bee_api": "http://10.77.0.1:9" if own_node else "http://10.77.0.1:1633",
+                "bee_node": build.BEE_PATH if own_node else "",
                 "ipfs_gateway": "http://10.77.0.1:8080",
                 "trusted_keys": [pub],
                 "menu_timeout": 0,
@@ -141,7 +154,17 @@ def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, to):
         },
         source="guest",
     )
-    guest_initrd = e2e.make_initrd(art, guest_cfg, tmp_path / "client-initrd.img", {})
+    embed = {}
+    if own_node:
+        embed = {f"/usr/local/lib/bee-fake/{f}": FAKES / f for f in ("bee.py", "_send.py")}
+    guest_initrd = e2e.make_initrd(art, guest_cfg, tmp_path / "client-initrd.img", embed)
+    if own_node:  # what `ramdisk build --bee FILE` adds to the ramdisk
+        launcher = tmp_path / "bee"
+        launcher.write_text(BEE_LAUNCHER)
+        launcher.chmod(0o755)
+        build.bee_layer(launcher, tmp_path / "bee.cpio.zst", build.DEFAULT_EPOCH)
+        with open(guest_initrd, "ab") as f:
+            f.write((tmp_path / "bee.cpio.zst").read_bytes())
     vm = qemu.VM(
         art.vmlinuz,
         guest_initrd,
@@ -156,5 +179,8 @@ def test_desktop_without_laptop_boots_an_image_from_the_lan(lan, tmp_path, to):
     log = (tmp_path / "console.log").read_text(errors="replace")
     assert "lanmarker=1" in line.text, line.text
     assert "lan: 10.77.0.1" in log, "the client's log names the lease it took"
+    if own_node:
+        assert "Bee node ready with 8 peers" in log, "the client started its own Bee node"
+        assert "Bee node stopped" in log
     assert f"boot: {to} over the LAN [{to}: ed25519 signature by trusted key" in log
-    print(f"{to}: target up at {line.t:.1f} s after power-on")
+    print(f"{case}: target up at {line.t:.1f} s after power-on")
