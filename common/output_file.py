@@ -51,7 +51,11 @@ def write_failed(path: Path, exc: OSError) -> WriteFailed:
             f"{_elsewhere()}"
         )
     fixes = {
-        errno.ENOENT: f"{where} does not exist: create it or name an existing directory",
+        errno.ENOENT: (
+            f"{where} refuses new files: pick another directory"
+            if where.is_dir()
+            else f"{where} does not exist: create it or name an existing directory"
+        ),
         errno.ENOTDIR: f"{where} is not a directory: name a directory",
         errno.EACCES: f"no permission to write in {where}: run as root or pick another place",
         errno.EPERM: f"no permission to write in {where}: run as root or pick another place",

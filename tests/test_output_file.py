@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 from smallfs import mounted_tmpfs
@@ -106,6 +107,9 @@ def test_read_only_and_missing_directories_named(tmp_path):
         f"No such file or directory; {tmp_path}/nowhere does not exist: create it or name "
         "an existing directory"
     )
+    with pytest.raises(WriteFailed) as ei:  # there, but takes no new files
+        make_dir(Path("/proc/bootlink-test"))
+    assert one_line(ei.value).endswith("; /proc refuses new files: pick another directory")
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(WriteFailed, match="Not a directory"):
         make_dir(tmp_path / "file" / "sub")

@@ -25,6 +25,7 @@ from bootlink.common.bootimage import sha256_file
 from bootlink.common.config import Config, load_config
 from bootlink.common.errors import BootlinkError
 from bootlink.common.log import Progress
+from bootlink.common.output_file import OutputFile, make_dir
 from bootlink.common.signing import (
     FileEntry,
     Manifest,
@@ -194,8 +195,10 @@ def _upload(args: argparse.Namespace, cfg: Config, path: Path, progress: bool) -
         return f"ipfs:{cid}"
     if not args.output:
         raise BootlinkError("--to dir needs --output DIR")
-    args.output.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, args.output / path.name)
+    with OutputFile(make_dir(args.output) / path.name) as out, open(path, "rb") as src:
+        while block := src.read(1 << 20):
+            out.write(block)
+        out.commit()
     return path.name  # relative to the manifest's URL
 
 
