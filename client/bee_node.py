@@ -14,6 +14,7 @@ verified against its address: the node is trusted for nothing but availability.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -130,8 +131,6 @@ def _wait_for_peers(proc: subprocess.Popen, url: str, log_path: Path, timeout: f
 
 def _get(url: str, path: str) -> tuple[int | None, dict]:
     """(status, JSON body) of a GET to the local node; (None, {}) while it is not up."""
-    import http.client  # (imported only when a node is used)
-
     conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=5)
     try:
         conn.request("GET", path)

@@ -96,12 +96,16 @@ class OutputFile:
         self.durable = durable
         self._offset = 0
         self._committed = False
-        if size is not None:
-            self.expect(size)
-        try:
+        try:  # (truncating first: a .part left by a killed run does not count as used)
             self.fd: int | None = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise write_failed(self.part, exc) from None
+        if size is not None:
+            try:
+                self.expect(size)
+            except BaseException:
+                self.discard()
+                raise
 
     def __enter__(self) -> OutputFile:
         return self
