@@ -109,6 +109,23 @@ def test_client_boots_a_swarm_image_through_its_own_bee_node(swarm_network, tmp_
     assert "password" not in run.stderr
 
 
+def test_fetch_cli_uses_the_configured_node_too(swarm_network, tmp_path, monkeypatch, capsys):
+    state, network = swarm_network
+    data = os.urandom(200_000)
+    ref = state.store_bytes(data)
+    binary = bee_binary(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    client = {"bee_node": str(binary), "bee_api": "http://127.0.0.1:9"}
+    cfg.write_text(yaml.safe_dump({"client": client}))
+    monkeypatch.setenv("BOOTLINK_FAKE_SWARM", network)
+    monkeypatch.setenv("BOOTLINK_FAKE_BEE_WARMUP", "0.5")
+    out = tmp_path / "out.bin"
+    args = ["fetch", f"swarm:{ref.hex()}", "--config", str(cfg), "--output", str(out), "--quiet"]
+    assert bootlink_main(args) == 0, capsys.readouterr().err
+    assert out.read_bytes() == data
+    assert bee_processes(binary) == []
+
+
 def test_bee_node_that_exits_is_one_line_naming_its_last_words(tmp_path):
     binary = bee_binary(tmp_path, "#!/bin/sh\necho 'Error: data-dir is not writable' >&2\nexit 3\n")
     with pytest.raises(bee_node.BeeNodeError) as ei, bee_node.running(str(binary), tmp_path):

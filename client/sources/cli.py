@@ -12,6 +12,7 @@ bootlink fetch SPEC --image --output DIR resolve a boot image (manifest, ISO) an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -85,7 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="swarm:<ref> | ipfs:<cid> | https://...#sha256=HEX | iso:...")
     p.add_argument("--output", type=Path, required=True, help="file (or directory with --image)")
     p.add_argument("--config", type=Path, help="config for trusted keys, Bee and gateway URLs")
-    p.add_argument("--bee", help="Bee API URL (default client.bee_api)")
+    p.add_argument(
+        "--bee", help="Bee API URL (default: the node client.bee_node starts, or client.bee_api)"
+    )
     p.add_argument("--gateway", help="IPFS trustless gateway URL (default client.ipfs_gateway)")
     p.add_argument("--mode", choices=ipfs.MODES, default="car", help="IPFS: one CAR or raw blocks")
     p.add_argument(
@@ -214,6 +217,17 @@ def _fetch(args: argparse.Namespace) -> int:
             ipfs_gateway=args.gateway or cfg.client.ipfs_gateway,
         )
         cfg = dataclasses.replace(cfg, client=client)
+    with contextlib.ExitStack() as stack:
+        if spec_kind(args.spec) == "swarm" and cfg.client.bee_node and not args.bee:
+            from bootlink.client import bee_node  # the node the config says to run
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bootlink-bee-"))
+            url = stack.enter_context(bee_node.running(cfg.client.bee_node, Path(tmp)))
+            cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, bee_api=url))
+        return _fetch_with(args, cfg)
+
+
+def _fetch_with(args: argparse.Namespace, cfg: Config) -> int:
     progress = not args.quiet
     if args.image:
         from . import resolve
