@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from pyroute2 import IPRoute
 
 from bootlink.common import net, process
 from bootlink.common.errors import BootlinkError
@@ -70,6 +71,13 @@ def running(binary: str, workdir: Path, timeout: float = READY_TIMEOUT) -> Itera
             "'bootlink ramdisk build --bee FILE' or set client.bee_node to \"\" (use "
             "client.bee_api on the LAN)"
         )
+    with IPRoute() as ipr:
+        if not net.has_default_route(ipr):  # then it could only wait for peers in vain
+            raise BeeNodeError(
+                "no route to the internet here (no default route), where a Bee node finds "
+                "its Swarm peers: connect the desktop to a network with DHCP (client.lan: "
+                "auto or dhcp) or use a Bee node on the LAN (client.bee_api)"
+            )
     net.loopback_up()
     data_dir = make_dir(workdir / "bee")
     data_dir.chmod(0o700)

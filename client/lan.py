@@ -103,7 +103,7 @@ def ensure_lan(mode: str) -> Lease | None:
     if mode == "none":
         return None
     with IPRoute() as ipr:
-        if mode == "auto" and (has_default_route(ipr) or has_global_address(ipr)):
+        if mode == "auto" and (net.has_default_route(ipr) or has_global_address(ipr)):
             log.debug("lan: the network is configured already, leaving it as it is")
             return None
         nics = [n for n in net.list_nics(ipr) if not _is_virtual(n.name)]
@@ -126,16 +126,6 @@ def ensure_lan(mode: str) -> Lease | None:
         apply_lease(ipr, lease)
         log.info("lan: %s", lease.describe())
         return lease
-
-
-def has_default_route(ipr) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for route in ipr.get_routes(family=family, table=254):
-            if route["dst_len"] == 0 and (
-                route.get_attr("RTA_GATEWAY") or route.get_attr("RTA_MULTIPATH")
-            ):
-                return True
-    return False
 
 
 def has_global_address(ipr) -> bool:

@@ -112,6 +112,17 @@ def bring_up(ipr: IPRoute, nic: Nic, mtu: int | None = None) -> None:
         raise LinkError(f"cannot bring up {nic.name}: {os.strerror(exc.code)}") from None
 
 
+def has_default_route(ipr: IPRoute) -> bool:
+    """A default route (IPv4 or IPv6, main table) through a gateway: a way off the LAN."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for route in ipr.get_routes(family=family, table=254):
+            if route["dst_len"] == 0 and (
+                route.get_attr("RTA_GATEWAY") or route.get_attr("RTA_MULTIPATH")
+            ):
+                return True
+    return False
+
+
 def loopback_up() -> None:
     """lo up: the ramdisk boots with it down, and a local service (a Bee node the client
     starts) listens on 127.0.0.1, which exists only while lo is up."""
