@@ -14,6 +14,7 @@ verified against its address: the node is trusted for nothing but availability.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -30,6 +31,7 @@ import yaml
 from pyroute2 import IPRoute
 
 from bootlink.common import net, process
+from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
 from bootlink.common.output_file import make_dir
 
@@ -104,6 +106,13 @@ def running(binary: str, workdir: Path, timeout: float = READY_TIMEOUT) -> Itera
         code = process.stop(proc, grace=10, group=True)
         log.info("Bee node stopped (exit status %s)", code)
         shutil.rmtree(data_dir, ignore_errors=True)  # a throwaway identity, in RAM
+
+
+@contextlib.contextmanager
+def using_node(cfg: Config, workdir: Path) -> Iterator[Config]:
+    """`cfg` with client.bee_api pointing at the node client.bee_node names, while it runs."""
+    with running(cfg.client.bee_node, workdir) as url:
+        yield dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, bee_api=url))
 
 
 def _wait_for_peers(proc: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:

@@ -107,7 +107,7 @@ class _Reach:
     services: contextlib.ExitStack
     workdir: Path
     lan_done: bool = False
-    bee: str | BootlinkError | None = None  # our node's URL, or why it did not start
+    bee: Config | BootlinkError | None = None  # the config using our node, or why it failed
 
     def prepare(self, spec: str, cfg: Config) -> Config:
         if spec == "link":
@@ -123,14 +123,12 @@ class _Reach:
             from . import bee_node
 
             try:
-                self.bee = self.services.enter_context(
-                    bee_node.running(cfg.client.bee_node, self.workdir)
-                )
+                self.bee = self.services.enter_context(bee_node.using_node(cfg, self.workdir))
             except BootlinkError as exc:
                 self.bee = exc  # every swarm: source fails the same way, without retrying
         if isinstance(self.bee, BootlinkError):
             raise self.bee
-        return dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, bee_api=self.bee))
+        return self.bee
 
 
 ATTEMPTS = 3  # a source whose transfer broke off (not one whose bytes were wrong)

@@ -199,8 +199,7 @@ def _upload(args: argparse.Namespace, cfg: Config, path: Path, progress: bool) -
     if not args.output:
         raise BootlinkError("--to dir needs --output DIR")
     with OutputFile(make_dir(args.output) / path.name) as out, open(path, "rb") as src:
-        while block := src.read(1 << 20):
-            out.write(block)
+        shutil.copyfileobj(src, out, 1 << 20)
         out.commit()
     return path.name  # relative to the manifest's URL
 
@@ -222,8 +221,7 @@ def _fetch(args: argparse.Namespace) -> int:
             from bootlink.client import bee_node  # the node the config says to run
 
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bootlink-bee-"))
-            url = stack.enter_context(bee_node.running(cfg.client.bee_node, Path(tmp)))
-            cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, bee_api=url))
+            cfg = stack.enter_context(bee_node.using_node(cfg, Path(tmp)))
         return _fetch_with(args, cfg)
 
 
