@@ -7,44 +7,82 @@ uploads one random file to each through the real upload APIs, then downloads it:
 - swarm chunks: every chunk via /chunks/{addr}, 128 in flight, pipelined on 2 connections;
 - ipfs car: one CAR stream, every block checked; ipfs raw: one request per block.
 Prints medians of --runs runs and the ratio to the plain runs interleaved with them
-(target >= 0.5). Files are written
+(target >= 0.5). With --link-rate (e.g. 1gbit, 10gbit) the nodes sit in a network
+namespace behind a veth shaped to that rate (tbf on their side), as a node on the LAN
+would, and the client runs in a second namespace: the same comparison over a real link.
+Files are written
 to a tmpfs (--dir, default /dev/shm), as the ramdisk downloads into tmpfs /run/bootlink,
 and every download, plain too, ends with the fsync the verified fetch does before its
 rename (on a disk that fsync alone costs ~25 ms per 64 MiB here).
 
-    .venv/bin/python bench/bench_fetch.py [--size-mib 64] [--runs 3]
+    .venv/bin/python bench/bench_fetch.py [--size-mib 64] [--runs 3] [--link-rate 1gbit]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netlab import Host, Lab
 
 from bootlink.client.sources import ipfs as ipfs_src
 from bootlink.client.sources import swarm as swarm_src
 from bootlink.client.sources._http import HttpClient
-from bootlink.common import swarm
+from bootlink.common import net, swarm
 
 FAKES = Path(__file__).resolve().parent.parent / "tests" / "fakes"
 
 
-def start(script: str) -> tuple[subprocess.Popen, str]:
+NODE_IP, CLIENT_IP = "10.231.0.1", "10.231.0.2"  # on the bench's own veth only
+
+
+def start(script: str, host: Host | None) -> tuple[subprocess.Popen, str]:
+    """A fake node on loopback, or on the node side of the shaped link (`host`)."""
+    ip = NODE_IP if host else "127.0.0.1"
+    cmd = [sys.executable, str(FAKES / script), "--listen", ip, "--port", "0"]
     p = subprocess.Popen(
-        [sys.executable, str(FAKES / script), "--listen", "127.0.0.1", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
+        ["ip", "netns", "exec", host.ns, *cmd] if host else cmd, stdout=subprocess.PIPE, text=True
     )
     line = p.stdout.readline()
     if not line.startswith("READY"):
         p.kill()
         raise SystemExit(f"{script} did not start")
-    return p, f"http://127.0.0.1:{line.split()[1]}"
+    return p, f"http://{ip}:{line.split()[1]}"
+
+
+@contextlib.contextmanager
+def shaped_link(rate: str | None) -> Iterator[Host | None]:
+    """With a rate: yield the node's namespace, linked by a veth whose node side sends at
+    `rate` (tbf), with this thread (and the threads it starts) in the client's namespace.
+    Without: yield None and stay on loopback."""
+    if not rate:
+        yield None
+        return
+    lab = Lab(tag=f"b{os.getpid()}")
+    try:
+        node, desk = lab.host("node"), lab.host("desk")
+        lab.cable(node, "eth0", desk, "eth0")
+        node.run(["ip", "link", "set", "eth0", "up"], check=True)
+        node.run(["ip", "addr", "add", f"{NODE_IP}/24", "dev", "eth0"], check=True)
+        desk.run(["ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0"], check=True)
+        # burst: a few GSO packets' worth, so tbf is not the limit below the rate
+        tbf = ["tbf", "rate", rate, "burst", "1mb", "latency", "50ms"]
+        shaped = node.run(["tc", "qdisc", "add", "dev", "eth0", "root", *tbf])
+        if shaped.returncode:
+            raise SystemExit(f"--link-rate {rate}: {shaped.stderr.strip()}")
+        with net.in_netns(desk.ns):
+            yield node
+    finally:
+        lab.close()
 
 
 def plain(url: str, path: str, out: Path) -> None:
@@ -78,6 +116,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=("swarm", "ipfs"), help="measure just one of them")
     ap.add_argument(
+        "--link-rate",
+        metavar="RATE",
+        help="nodes behind a veth shaped to RATE (tc units: 1gbit, 2500mbit, 10gbit)",
+    )
+    ap.add_argument(
         "--layouts",
         default="kubo-v0,kubo-v1,v1-2025",
         help="IPFS layouts to measure, comma-separated (default: all three)",
@@ -95,14 +138,17 @@ def main() -> int:
     args = ap.parse_args()
     size = args.size_mib << 20
     procs = []
-    with tempfile.TemporaryDirectory(prefix="bootlink-bench-", dir=args.dir) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bootlink-bench-", dir=args.dir) as tmp,
+        shaped_link(args.link_rate) as node,
+    ):
         tmpd = Path(tmp)
         src = tmpd / "image.bin"
         src.write_bytes(os.urandom(size))
         out = tmpd / "out.bin"
         try:
-            bee_p, bee = start("bee.py")
-            ipfs_p, gw = start("ipfs_gateway.py")
+            bee_p, bee = start("bee.py", node)
+            ipfs_p, gw = start("ipfs_gateway.py", node)
             procs += [bee_p, ipfs_p]
             batch = swarm_src.find_batch(bee)
             ref = swarm_src.upload_file(src, bee, batch, progress=False)
@@ -147,7 +193,8 @@ def main() -> int:
                 p.wait()
     print(
         f"{args.size_mib} MiB, median of {args.runs} runs (chunks mode: 1 run); "
-        f"BMT backend: {swarm.backend()}; {os.cpu_count()} CPUs; files in {args.dir or '/tmp'}"
+        f"BMT backend: {swarm.backend()}; {os.cpu_count()} CPUs; files in {args.dir or '/tmp'}; "
+        + (f"nodes behind a veth at {args.link_rate}" if args.link_rate else "loopback")
     )
     print(f"{'download':38s} {'MB/s':>8s} {'x plain':>8s}")
     for name, t, base in rows:
