@@ -44,9 +44,11 @@ def plan_of(image: BootImage) -> dict[str, Any]:
         "kernel": str(image.kernel),
         "initrd": str(image.initrd) if image.initrd else "",
         # kexec.prepare acts on these before loading: the root squashfs is appended to
-        # the initrd, a pmem-mode ISO copied into this kernel's /dev/pmemN
+        # the initrd, an ISO appended to it (initrd mode) or copied into this kernel's
+        # /dev/pmemN (pmem mode)
         "rootfs": image.extra.get("rootfs", ""),
         "pmem_iso": image.extra.get("iso", "") if image.extra.get("memmap") else "",
+        "initrd_iso": image.extra.get("iso", "") if image.extra.get("initrd_iso") else "",
     }
 
 

@@ -11,6 +11,8 @@ with the verified digests, so nothing is executed that was not verified.
   one more newc cpio archive, which the kernel unpacks into the initramfs next to the
   image's own files: the image's initrd finds it at ROOTFS_PATH, named on the command
   line as `bootlink.rootfs=` (the image's publisher makes its initrd mount it);
+- a distro ISO whose initrd can loop-mount a file (Debian live: live-boot's fromiso=)
+  is appended to the initrd the same way, at the path its command line names;
 - a distro ISO booted in pmem mode is copied to this kernel's /dev/pmemN, the RAM that
   `memmap=SIZE!START` on *this* kernel's command line took out of System RAM (webboot's
   way): no kexec segment is ever placed there, and the next kernel, given the same
@@ -146,9 +148,13 @@ _NEWC_MAX = 0xFFFFFFFF  # newc's file size field is 8 hex digits
 
 
 def prepare(image: BootImage, workdir: Path | None = None) -> BootImage:
-    """The image as it must be loaded: rootfs appended, ISO staged in pmem (if any)."""
+    """The image as it must be loaded: rootfs appended, ISO in the initrd or staged in
+    pmem (if any)."""
+    workdir = workdir or Path(image.kernel).parent
     if image.extra.get("rootfs"):
-        image = attach_rootfs(image, workdir or Path(image.kernel).parent)
+        image = attach_rootfs(image, workdir)
+    if image.extra.get("initrd_iso"):
+        image = attach_iso(image, workdir)
     if image.extra.get("memmap"):
         image = stage_iso_in_pmem(image)
     return image
@@ -176,22 +182,40 @@ def _newc_header(name: str, mode: int, size: int, ino: int) -> bytes:
     return head + b"\0" * (-len(head) % 4)
 
 
-def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
-    """A new initrd = the image's initrd + a cpio holding its root squashfs at ROOTFS_PATH.
+@dataclass(frozen=True)
+class InitrdFile:
+    """One file for the next kernel's initramfs: verified bytes from `src` (hashed again
+    as they are copied, against `sha256`), or `data` that bootlink itself wrote."""
+
+    path: str  # absolute, in the initramfs
+    what: str  # for messages: "ISO", "root squashfs"
+    src: Path | None = None
+    sha256: str = ""
+    data: bytes = b""
+    mode: int = 0o444
+
+    @property
+    def size(self) -> int:
+        return self.src.stat().st_size if self.src is not None else len(self.data)
+
+
+def append_to_initrd(image: BootImage, workdir: Path, files: list[InitrdFile]) -> BootImage:
+    """A new initrd = the image's initrd + one cpio archive holding `files` (and their
+    directories).
 
     Linux unpacks every cpio archive concatenated in the initrd (compressed or not, each
     starting 4-byte aligned; zero padding between them is skipped), so the image's own
-    initrd is untouched and finds the squashfs in its initramfs. Both inputs are hashed
-    again as they are copied; the result's digest is what load() checks.
+    initrd is untouched and finds the files in its initramfs. Every input is hashed
+    again as it is copied; the result's digest is what load() checks.
     """
-    rootfs = Path(image.extra["rootfs"])
-    size = rootfs.stat().st_size
-    if size > _NEWC_MAX:
-        raise BootlinkError(
-            f"root squashfs {rootfs} is {size} bytes, over the 4 GiB an initrd cpio entry "
-            "can hold: publish a smaller rootfs"
-        )
-    out = Path(workdir) / "initrd+rootfs.img"
+    for file in files:
+        if file.size > _NEWC_MAX:
+            raise BootlinkError(
+                f"{file.what} {file.src} is {file.size} bytes, over the 4 GiB an initrd cpio "
+                f"entry can hold: use a smaller {file.what}"
+            )
+    first = next((f.src for f in files if f.src is not None), None)
+    out = Path(workdir) / f"initrd+{first.name if first else 'files'}"
     digest = hashlib.sha256()
 
     def put(f, data: bytes) -> None:
@@ -199,27 +223,68 @@ def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
         f.write(data)
 
     initrd_size = Path(image.initrd).stat().st_size if image.initrd is not None else 0
-    with OutputFile(out, size=initrd_size + size, durable=False) as f:
+    with OutputFile(out, size=initrd_size + sum(f.size for f in files), durable=False) as f:
         n = 0
         if image.initrd is not None:
             n = _copy_hashed(Path(image.initrd), f, image.initrd_sha256, "initrd", digest)
         put(f, b"\0" * (-n % 4))
-        put(f, _newc_header("bootlink", 0o040755, 0, 1))
-        put(f, _newc_header(ROOTFS_PATH.lstrip("/"), 0o100444, size, 2))
-        _copy_hashed(rootfs, f, image.extra.get("rootfs_sha256", ""), "root squashfs", digest)
-        put(f, b"\0" * (-size % 4))
+        ino = 0
+        dirs: list[str] = []
+        for file in files:
+            parts = file.path.strip("/").split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in dirs:
+                    dirs.append(d)
+                    ino += 1
+                    put(f, _newc_header(d, 0o040755, 0, ino))
+            ino += 1
+            put(f, _newc_header("/".join(parts), 0o100000 | file.mode, file.size, ino))
+            if file.src is not None:
+                _copy_hashed(file.src, f, file.sha256, file.what, digest)
+            else:
+                put(f, file.data)
+            put(f, b"\0" * (-file.size % 4))
         put(f, _newc_header("TRAILER!!!", 0, 0, 0))
         put(f, b"\0" * (-f.tell() % 512))
         f.commit()
+    return dataclasses.replace(image, initrd=out, initrd_sha256=digest.hexdigest())
+
+
+def attach_rootfs(image: BootImage, workdir: Path) -> BootImage:
+    """The image's root squashfs appended to its initrd at ROOTFS_PATH, named on the
+    command line as bootlink.rootfs= (the image's initrd mounts it)."""
+    rootfs = InitrdFile(
+        ROOTFS_PATH,
+        "root squashfs",
+        src=Path(image.extra["rootfs"]),
+        sha256=image.extra.get("rootfs_sha256", ""),
+    )
+    image = append_to_initrd(image, workdir, [rootfs])
     extra = {**image.extra, "rootfs_path": ROOTFS_PATH}
     del extra["rootfs"]  # attached: prepare() must not attach it twice
-    return dataclasses.replace(
-        image,
-        initrd=out,
-        initrd_sha256=digest.hexdigest(),
-        cmdline=f"{image.cmdline} bootlink.rootfs={ROOTFS_PATH}".strip(),
-        extra=extra,
-    )
+    cmdline = f"{image.cmdline} bootlink.rootfs={ROOTFS_PATH}".strip()
+    return dataclasses.replace(image, cmdline=cmdline, extra=extra)
+
+
+def attach_iso(image: BootImage, workdir: Path) -> BootImage:
+    """A distro ISO booted from RAM by way of the initramfs: appended to the initrd at the
+    path its command line already names (extra["initrd_iso"], e.g. live-boot's
+    fromiso=), where the distro's initrd loop-mounts it; with it, the script the
+    source gave for the distro's initramfs (extra["initrd_hook"] = path,
+    ["initrd_hook_script"] = text), if any. No pmem, no memmap=: the distro's initrd
+    needs no driver it lacks (Debian's has no nd_pmem)."""
+    iso = Path(image.extra["iso"])
+    inner = image.extra["initrd_iso"]
+    files = [InitrdFile(inner, "ISO", src=iso, sha256=image.extra.get("iso_sha256", ""))]
+    if image.extra.get("initrd_hook"):
+        script = image.extra.get("initrd_hook_script", "").encode()
+        files.append(InitrdFile(image.extra["initrd_hook"], "hook", data=script, mode=0o644))
+    image = append_to_initrd(image, workdir, files)
+    extra = {k: v for k, v in image.extra.items() if k != "initrd_iso"}
+    extra["iso_in_initrd"] = inner  # attached: prepare() must not attach it twice
+    log.info("ISO %s appended to the initrd at %s", iso.name, inner)
+    return dataclasses.replace(image, extra=extra)
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,39 @@ FLAVOURS = {
         "kexec-tools",
         *COMMON,
     ),
+    # A Debian live system as live-build makes it: live-boot in an initramfs-tools initrd
+    # (MODULES=most), systemd; a unit that reports on the serial port once it is up.
+    "debian-live": ("live-boot", "initramfs-tools", "systemd", "systemd-sysv", *COMMON),
 }
+
+LIVE_MARKER_UNIT = """[Unit]
+Description=bootlink test: report that the live system is up
+After=local-fs.target
+[Service]
+Type=oneshot
+StandardOutput=tty
+TTYPath=/dev/ttyS0
+ExecStart=/bin/sh -c 'echo "LIVE-UP $(findmnt -no SOURCE /run/live/medium) $(cat /proc/cmdline)"'
+ExecStart=/bin/systemctl poweroff --force --force
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _flavour_hooks(flavour: str, base: Path) -> list[str]:
+    if flavour != "debian-live":
+        return []
+    unit = "/etc/systemd/system/bootlink-live-marker.service"
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    (base / "marker.service").write_text(LIVE_MARKER_UNIT)
+    return [
+        f"--customize-hook=upload {base / 'marker.service'} {unit}",
+        f'--customize-hook=mkdir -p "$1{wants}" && ln -sf {unit} "$1{wants}/"',
+    ]
 
 
 def _initial_initrd(flavour: str, release: str) -> str:
-    if flavour == "initramfs-tools":
+    if flavour in ("initramfs-tools", "debian-live"):
         return f'chroot "$1" update-initramfs -c -k {release}'
     return f'chroot "$1" dracut --force --no-hostonly /boot/initrd.img-{release} {release}'
 
@@ -57,6 +85,8 @@ def os_root(flavour: str, cache: Path = CACHE) -> tuple[Path, Kernel]:
     kernel = fetch_kernel(cache)
     sources = host_apt_sources()
     h = hashlib.sha256(f"{RECIPE};{flavour};{FLAVOURS[flavour]};{kernel.package}".encode())
+    if flavour == "debian-live":
+        h.update(LIVE_MARKER_UNIT.encode())
     h.update(kernel.version.encode())
     for s in sources:
         h.update(s.read_bytes())
@@ -75,6 +105,7 @@ def os_root(flavour: str, cache: Path = CACHE) -> tuple[Path, Kernel]:
         f'--customize-hook=cp "{kernel.vmlinuz}" "$1/boot/"',
         f'--customize-hook=ln -sf vmlinuz-{rel} "$1/boot/vmlinuz"',
         f'--customize-hook=ln -sf initrd.img-{rel} "$1/boot/initrd.img"',
+        *_flavour_hooks(flavour, base),
         f"--customize-hook={_initial_initrd(flavour, rel)}",
     ]
     cmd = [

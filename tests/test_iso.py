@@ -102,7 +102,23 @@ def test_layout_detected_and_extracted(tmp_path, distro):
     assert image.cmdline == expected
 
 
-@pytest.mark.parametrize("distro", sorted(LAYOUTS))
+def test_debian_live_in_ram_goes_into_the_initrd(tmp_path):
+    """live-boot loop-mounts an ISO file (fromiso=) but has no nd_pmem in Debian's live
+    initrds: a Debian live ISO that exists only in RAM rides in the initrd."""
+    path = build_iso(tmp_path / "d.iso", LAYOUTS["debian-live"], "LIVE")
+    image = iso.image_from_iso(path, tmp_path / "w", source="web", locator="u", verified_by="t")
+    where = iso.INITRD_ISO_PATH
+    assert where.endswith(".iso")  # live-boot mounts a fromiso= file only if so named
+    assert image.cmdline == f"boot=live components fromiso={where} live-media={where}"
+    assert image.extra["initrd_iso"] == where
+    # live-boot's mount of a fromiso= file needs loop, which nothing else loads first
+    assert image.extra["initrd_hook"].startswith("/scripts/live-premount/")
+    assert "modprobe -q loop" in image.extra["initrd_hook_script"]
+    assert image.extra["iso_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "memmap" not in image.extra and "memmap" not in image.cmdline
+
+
+@pytest.mark.parametrize("distro", sorted(set(LAYOUTS) - {"debian-live"}))
 def test_pmem_mode_cmdline(tmp_path, distro):
     path = build_iso(tmp_path / "d.iso", LAYOUTS[distro], "LIVE")
     image = iso.image_from_iso(path, tmp_path / "w", source="web", locator="u", verified_by="t")
@@ -110,7 +126,6 @@ def test_pmem_mode_cmdline(tmp_path, distro):
     assert image.cmdline.startswith(f"memmap={size_mib}M!4096M ")
     assert image.extra["memmap"] == f"memmap={size_mib}M!4096M"
     where = {
-        "debian-live": "boot=live",
         "ubuntu": "boot=casper",
         "arch": "archisodevice=/dev/pmem0",
         "fedora": "root=live:/dev/pmem0",

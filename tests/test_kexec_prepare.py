@@ -1,4 +1,4 @@
-"""kexec.prepare: a root squashfs appended to the initrd, an ISO staged in pmem.
+"""kexec.prepare: a root squashfs or an ISO appended to the initrd, an ISO staged in pmem.
 
 The kernel side (that Linux unpacks the appended cpio, that the next kernel sees the
 staged ISO on /dev/pmem0) is proven in tests/qemu/test_kexec_extras_boot.py.
@@ -56,13 +56,8 @@ def test_rootfs_appended_as_cpio_after_the_initrd(tmp_path, initrd):
     assert "rootfs" not in out.extra and kexec.prepare(out, tmp_path) == out  # attached once
     start = len(initrd or b"")
     assert data[:start] == (initrd or b"")
-    cpio_at = data.index(b"070701", start)
-    assert cpio_at % 4 == 0 and not data[start:cpio_at].strip(b"\0")  # kernel's alignment
-    # GNU cpio reads the appended archive exactly as the kernel will.
-    dest = tmp_path / "x"
-    dest.mkdir()
-    subprocess.run(["cpio", "-idm", "--quiet"], input=data[cpio_at:], cwd=dest, check=True)
-    assert (dest / kexec.ROOTFS_PATH.lstrip("/")).read_bytes() == rootfs
+    _unpack_appended(data, start, tmp_path / "x")
+    assert (tmp_path / "x" / kexec.ROOTFS_PATH.lstrip("/")).read_bytes() == rootfs
 
 
 def test_rootfs_changed_after_verification_refused(tmp_path):
@@ -132,6 +127,52 @@ def test_iso_changed_after_verification_refused(tmp_path):
     img = _iso_image(tmp_path, b"tampered", digest=_sha(b"original"))
     with pytest.raises(BootlinkError, match=r"ISO .* changed after it was verified"):
         kexec.stage_iso_in_pmem(img, sys_root, dev_root)
+
+
+def _unpack_appended(data: bytes, after: int, dest: Path) -> None:
+    """GNU cpio reads the archive appended after byte `after` exactly as the kernel will."""
+    cpio_at = data.index(b"070701", after)
+    assert cpio_at % 4 == 0 and not data[after:cpio_at].strip(b"\0")  # kernel's alignment
+    dest.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=data[cpio_at:], cwd=dest, check=True)
+
+
+def test_iso_appended_to_the_initrd_where_its_cmdline_says(tmp_path):
+    initrd, iso = b"\x1f\x8b" + os.urandom(999), os.urandom(300001)
+    (tmp_path / "d.iso").write_bytes(iso)
+    inner = "/bootlink/image.iso"
+    img = dataclasses.replace(
+        _image(tmp_path, initrd),
+        cmdline=f"boot=live components fromiso={inner}",
+        extra={
+            "iso": str(tmp_path / "d.iso"),
+            "iso_sha256": _sha(iso),
+            "initrd_iso": inner,
+            "initrd_hook": "/scripts/live-premount/x",
+            "initrd_hook_script": "#!/bin/sh\nmodprobe loop\n",
+        },
+    )
+    out = kexec.prepare(img, tmp_path)
+    data = out.initrd.read_bytes()
+    assert out.initrd_sha256 == _sha(data) and data[: len(initrd)] == initrd
+    assert out.cmdline == img.cmdline  # the path was on it already
+    assert out.extra["iso_in_initrd"] == inner and "initrd_iso" not in out.extra
+    assert kexec.prepare(out, tmp_path) == out  # attached once
+    _unpack_appended(data, len(initrd), tmp_path / "x")
+    assert (tmp_path / "x" / inner.lstrip("/")).read_bytes() == iso
+    hook = tmp_path / "x" / "scripts/live-premount/x"
+    assert hook.read_text() == "#!/bin/sh\nmodprobe loop\n"
+
+
+def test_iso_for_the_initrd_changed_after_verification_refused(tmp_path):
+    (tmp_path / "d.iso").write_bytes(b"tampered")
+    img = dataclasses.replace(
+        _image(tmp_path, b"i"),
+        extra={"iso": str(tmp_path / "d.iso"), "iso_sha256": _sha(b"x"), "initrd_iso": "/b/i.iso"},
+    )
+    with pytest.raises(BootlinkError, match=r"ISO .*d.iso changed after it was verified"):
+        kexec.prepare(img, tmp_path)
+    assert not list(tmp_path.glob("initrd+*"))  # nothing half-written left
 
 
 def test_prepare_leaves_plain_images_alone(tmp_path):

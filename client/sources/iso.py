@@ -7,13 +7,21 @@ that distro's initrd finds its ISO again after kexec:
 
 - *file* mode: the ISO is a file on a disk partition (e.g. the bootlink USB stick):
   Debian `findiso=`, Ubuntu and Fedora `iso-scan/filename=`, Arch `img_dev=`+`img_loop=`;
-- *pmem* mode: the ISO only exists in RAM (downloaded into the ramdisk's tmpfs): the
-  kernel gets `memmap=SIZE!OFFSET`, which turns that RAM range into /dev/pmem0, and the
-  distro is pointed at /dev/pmem0. kexec.prepare copies the ISO (BootImage.extra["iso"],
-  checked against ["iso_sha256"]) into the running kernel's own legacy pmem device and
-  rewrites memmap= to that device's range, as webboot did: so the ramdisk itself must be
-  booted with memmap=SIZE!START, and both kernels need pmem support
-  (CONFIG_X86_PMEM_LEGACY + nd_pmem).
+- *initrd* mode (Debian live): the ISO only exists in RAM (downloaded into the
+  ramdisk's tmpfs), and live-boot can loop-mount an ISO *file*: kexec.prepare appends
+  it to the distro's initrd at INITRD_ISO_PATH (checked against ["iso_sha256"] as it
+  is copied), with a live-boot hook that loads the loop driver, and the kernel gets
+  `fromiso=` that path (plus `live-media=`, so that live-boot looks there even on a
+  machine with no block device at all);
+- *pmem* mode (the others, in RAM): the kernel gets `memmap=SIZE!OFFSET`, which turns
+  that RAM range into /dev/pmem0, and the distro is pointed at /dev/pmem0. kexec.prepare
+  copies the ISO (BootImage.extra["iso"], checked against ["iso_sha256"]) into the
+  running kernel's own legacy pmem device and rewrites memmap= to that device's range,
+  as webboot did: so the ramdisk itself must be booted with memmap=SIZE!START, and both
+  kernels need pmem support
+  (CONFIG_X86_PMEM_LEGACY + nd_pmem), in the distro's case in its initrd. Debian's
+  kernel builds nd_pmem as a module and its live initrds (initramfs-tools, MODULES=most)
+  leave drivers/nvdimm out: a Debian live ISO in pmem never found its medium.
 """
 
 from __future__ import annotations
@@ -31,6 +39,19 @@ from bootlink.common.output_file import OutputFile, make_dir
 log = logging.getLogger("bootlink.sources.iso")
 
 DEFAULT_PMEM_OFFSET = 4 << 30  # physical address of /dev/pmem0 in pmem mode
+INITRD_ISO_PATH = "/bootlink/image.iso"  # initrd mode: live-boot wants a name ending .iso
+# live-boot mounts a fromiso= *file* with plain mount(8), which needs the loop driver,
+# and nothing in its initramfs loads it first (Debian's kernel has loop as a module):
+# mount fails "Operation not permitted". live-premount is live-boot's hook directory
+# for the step just before it looks for the medium; initramfs-tools runs a directory's
+# scripts by sourcing its ORDER file (which mkinitramfs writes), so the hook is an ORDER
+# file. Debian's live initrds have no live-premount (live-boot ships no such script),
+# so nothing of theirs is replaced.
+LIVE_BOOT_HOOK = "/scripts/live-premount/ORDER"
+LIVE_BOOT_HOOK_SCRIPT = """# bootlink: the ISO (fromiso=) is a file here: load loop
+modprobe -q loop || true
+[ -e /conf/param.conf ] && . /conf/param.conf
+"""
 
 
 @dataclass(frozen=True)
@@ -219,10 +240,10 @@ def cmdline_for(
             label = _dracut_label(info.volume_id)
             return f"iso-scan/filename={p} root=live:CDLABEL={label} rd.live.image"
         return f"iso-scan/filename={p} inst.stage2=hd:LABEL={_dracut_label(info.volume_id)}"
+    if info.distro == "debian-live":
+        return f"boot=live components fromiso={INITRD_ISO_PATH} live-media={INITRD_ISO_PATH}"
     mib = -(-iso_size // (1 << 20))
     memmap = f"memmap={mib}M!{pmem_offset >> 20}M"
-    if info.distro == "debian-live":
-        return f"{memmap} boot=live components"  # live-boot scans block devices: pmem0 too
     if info.distro == "ubuntu":
         return f"{memmap} boot=casper ---"
     if info.distro == "arch":
@@ -298,9 +319,14 @@ def image_from_iso(
     cmdline = cmdline_for(info, location, size, pmem_offset)
     extra = {"iso": str(iso_path), "iso_distro": info.distro, "iso_volume_id": info.volume_id}
     if location is None:
-        extra["memmap"] = cmdline.split()[0]
-        extra["pmem_offset"] = str(pmem_offset)
-        # kexec.prepare copies the ISO into pmem and checks it against this digest
+        if info.distro == "debian-live":
+            extra["initrd_iso"] = INITRD_ISO_PATH
+            extra["initrd_hook"] = LIVE_BOOT_HOOK
+            extra["initrd_hook_script"] = LIVE_BOOT_HOOK_SCRIPT
+        else:
+            extra["memmap"] = cmdline.split()[0]
+            extra["pmem_offset"] = str(pmem_offset)
+        # kexec.prepare copies the ISO into the initrd or pmem and checks it against this
         extra["iso_sha256"] = sha256_file(iso_path)
     else:
         extra["iso_uuid"] = location.uuid
