@@ -40,6 +40,7 @@ log = logging.getLogger("bootlink.bee")
 READY_TIMEOUT = 120.0  # seconds for the node to start and find peers (it dials bootnodes)
 MIN_PEERS = 2  # retrieval asks the peers closest to each chunk: one is not enough
 POLL = 0.5
+CACHE_CHUNKS = 1024  # the node's chunk cache: 4 MiB (Bee's default: 1,000,000 = 4 GB)
 
 
 class BeeNodeError(BootlinkError):
@@ -58,7 +59,11 @@ def node_options(data_dir: Path, api_port: int, password: str) -> dict:
         "swap-enable": False,  # ultra-light: both off and no blockchain endpoint
         "blockchain-rpc-endpoint": "",
         "storage-incentives-enable": False,
-        "cache-retrieval": False,  # chunks pass through to us; caching them doubles RAM use
+        "cache-retrieval": False,  # no caching of chunks relayed for other peers
+        # Bee caches what its API downloads (unless asked per request with Swarm-Cache:
+        # false, which older 2.x ignore), up to a million chunks: 4 GB more in the
+        # ramdisk's RAM for a 4 GB image. A small cache keeps the node's memory flat.
+        "cache-capacity": CACHE_CHUNKS,
         "verbosity": "warn",
     }
 

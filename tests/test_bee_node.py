@@ -81,6 +81,8 @@ def test_node_options_are_an_ultra_light_download_only_node(tmp_path):
         "",
     )
     assert set(opts) <= fake_bee.KNOWN_OPTIONS  # bee refuses unknown options
+    # API downloads land in Bee's cache (4 GB by default): in the ramdisk that is RAM
+    assert opts["cache-capacity"] * 4096 <= 16 << 20
 
 
 def test_client_boots_a_swarm_image_through_its_own_bee_node(lab, tmp_path):

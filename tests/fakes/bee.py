@@ -353,10 +353,12 @@ def bee_start(config: Path) -> int:
     if unknown:
         print(f"Error: unknown parameters: {', '.join(unknown)}", file=sys.stderr)
         return 1
-    if opts.get("swap-enable", True) and not opts.get("blockchain-rpc-endpoint"):
+    # Bee 2.x defaults: swap-enable false, full-node false; storage incentives only act
+    # on a full node. Without a blockchain endpoint only an ultra-light node can run.
+    if opts.get("swap-enable", False) and not opts.get("blockchain-rpc-endpoint"):
         print("Error: swap-enable requires a blockchain-rpc-endpoint", file=sys.stderr)
         return 1
-    if opts.get("full-node") or opts.get("storage-incentives-enable", True) is not False:
+    if opts.get("full-node", False) and not opts.get("blockchain-rpc-endpoint"):
         print("Error: a full node needs a blockchain-rpc-endpoint", file=sys.stderr)
         return 1
     if not opts.get("password") and not opts.get("password-file"):
