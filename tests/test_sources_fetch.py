@@ -306,6 +306,22 @@ def test_swarm_missing_chunk_named(bee, tmp_path):
         swarm_src.fetch(ref, url, tmp_path / "o", progress=False)
 
 
+@pytest.mark.parametrize("level", [1, 4])
+def test_swarm_erasure_coded_upload_named(bee, tmp_path, level):
+    """Bee uploads erasure-coded unless told Swarm-Redundancy-Level: 0; its root chunk's
+    span carries level | 0x80 in the top byte (bee pkg/file/redundancy/span.go)."""
+    state, url = bee
+    payload = os.urandom(2 * swarm.REF_SIZE)
+    span = 3 * swarm.CHUNK_SIZE | (0x80 | level) << 56
+    root = swarm.chunk_address(span, payload)
+    state.chunks[root] = (span, payload)
+    with pytest.raises(swarm_src.SwarmChunkError) as ei:
+        swarm_src.fetch(root, url, tmp_path / "o", progress=False)
+    msg = one_line(ei.value)
+    assert f"erasure coding (redundancy level {level}" in msg
+    assert "Swarm-Redundancy-Level: 0" in msg and not (tmp_path / "o.part").exists()
+
+
 def test_swarm_publish_detects_lying_reference(bee, tmp_path, image_files):
     state, url = bee
     state.lie_reference = True

@@ -137,6 +137,14 @@ def verified_chunk(addr: bytes, status: int, body: bytes, url: str) -> tuple[int
     return span, payload
 
 
+def _redundancy_level(span: int) -> int:
+    """The erasure-coding level Bee encodes in the top byte of an intermediate chunk's
+    span (pkg/file/redundancy/span.go: level | 0x80), or 0. The chunk hashes as it
+    is; the tree under it would also hold parity references."""
+    top = span >> 56
+    return top & 0x7F if top > 0x80 else 0
+
+
 def fetch(
     reference: bytes,
     bee_url: str,
@@ -157,6 +165,14 @@ def fetch(
         raise BootlinkError(f"swarm fetch mode must be one of {', '.join(MODES)}, not {mode!r}")
     bee = BeeClient(bee_url, timeout)
     root_span, root_payload = bee.chunk(reference)
+    level = _redundancy_level(root_span)
+    if level:
+        raise SwarmChunkError(
+            f"swarm:{reference.hex()} was uploaded with erasure coding (redundancy level "
+            f"{level}, Bee's default for uploads without Swarm-Redundancy-Level): bootlink "
+            "reads files uploaded without it; publish with 'bootlink publish --to swarm' or "
+            "Swarm-Redundancy-Level: 0"
+        )
     if root_span > max_size:
         raise TooLarge(
             f"swarm:{reference.hex()} claims {root_span} bytes, over the {max_size}-byte "
