@@ -123,7 +123,9 @@ def test_without_memmap_no_nvdimm_module_is_loaded(ramdisk, tmp_path):
 
 
 # The "distro" inside the ISO: the Debian kernel and a busybox initrd that, like a live
-# system's, finds its ISO on /dev/pmem0 (it loads nd_e820 + nd_pmem itself).
+# system's, finds its ISO on /dev/pmem0 (it loads nd_e820 + nd_pmem itself). Laid out as
+# Ubuntu's (casper), which the client boots in pmem mode (a Debian live ISO in RAM rides
+# in its initrd instead: test_debian_live_iso_boot.py).
 PMEM_MODULES = ["libnvdimm", "nd_btt", "nd_pmem", "nd_e820"]  # dependency order
 ISO_INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -140,7 +142,7 @@ poweroff -f
 
 
 def _live_iso(k: rkernel.Kernel, tmp_path: Path) -> Path:
-    """A Debian-live-layout ISO (/live/vmlinuz, /live/initrd.img) built with pycdlib."""
+    """An Ubuntu-layout ISO (/casper/vmlinuz, /casper/initrd) built with pycdlib."""
     pycdlib = pytest.importorskip("pycdlib")
     root = tmp_path / "iso-initrd"
     for d in ("bin", "proc", "sys", "dev", "m"):
@@ -157,10 +159,10 @@ def _live_iso(k: rkernel.Kernel, tmp_path: Path) -> Path:
     ).stdout  # fmt: skip
     out = pycdlib.PyCdlib()
     out.new(interchange_level=3, vol_ident="BOOTLINK_LIVE", rock_ridge="1.09")
-    out.add_directory("/LIVE", rr_name="live")
+    out.add_directory("/CASPER", rr_name="casper")
     kernel = k.vmlinuz.read_bytes()
-    for name, data in (("vmlinuz", kernel), ("initrd.img", initrd)):
-        iso_name = "/LIVE/" + name.upper().replace(".", "_") + ".;1"
+    for name, data in (("vmlinuz", kernel), ("initrd", initrd)):
+        iso_name = "/CASPER/" + name.upper().replace(".", "_") + ".;1"
         out.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name)
     path = tmp_path / "live.iso"
     out.write(str(path))
@@ -210,5 +212,5 @@ def test_client_boots_an_iso_source_from_pmem(ramdisk, tmp_path):
             vm.wait_exit(60)
     print("milestones:", ms)
     assert got.split()[1] == first_mib  # the ISO's bytes, on the next kernel's pmem0
-    # prepare() gave the ISO's kernel the ramdisk's own pmem range, and live-boot's args
-    assert f"memmap={ISO_MEMORY}" in cmdline.split() and "boot=live" in cmdline.split()
+    # prepare() gave the ISO's kernel the ramdisk's own pmem range, and casper's args
+    assert f"memmap={ISO_MEMORY}" in cmdline.split() and "boot=casper" in cmdline.split()
