@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,28 +54,60 @@ class SharedKey:
 
 def generate_key_file(path: Path, *, force: bool = False) -> SharedKey:
     """Write 32 random bytes to `path`, mode 0600, refusing to overwrite unless `force`."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise KeyFileError(f"{path} already exists: keep it, or pass --force to replace it")
-    if not path.parent.is_dir():
-        raise KeyFileError(f"{path.parent} does not exist: create the directory first")
+    path = check_new_private_path(path, force=force)
     secret = os.urandom(KEY_SIZE)
     write_private_file(path, secret)
     return SharedKey(secret)
 
 
+def check_new_private_path(path: Path, *, force: bool) -> Path:
+    """Where a new secret may go: a file name in an existing directory, and nothing there
+    yet (or, with `force`, a regular file: never a device, directory or symlink, which
+    the rename would replace or the secret would land behind)."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise KeyFileError(f"'{path}' names no file: give a file path such as /etc/bootlink/key")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise KeyFileError(f"cannot check {path}: {exc.strerror}; choose another path") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path} exists and is not a regular file: choose another path")
+    if st is not None and not force:
+        raise KeyFileError(f"{path} already exists: keep it, or pass --force to replace it")
+    if not path.parent.is_dir():
+        raise KeyFileError(f"{path.parent} does not exist: create the directory first")
+    return path
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600: never readable by others, not even for
-    an instant, and never left half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    an instant, and never left half-written. The bytes go to a fresh file that only
+    this call can have created (mkstemp: O_EXCL, random name, 0600), so a planted file
+    or symlink cannot catch them, then replace `path` (a regular file or nothing)."""
+    from .output_file import write_failed  # (output_file imports nothing of ours)
+
+    path = Path(path)
+    elsewhere = "write it to a {kind} filesystem (another path)"
     try:
-        os.fchmod(fd, 0o600)  # umask could have narrowed it; never widen, but be exact
-        os.write(fd, data)
-        os.fsync(fd)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failed(path, exc, elsewhere) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+            raise KeyFileError(f"{path} exists and is not a regular file: choose another path")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failed(path, exc, elsewhere) from None
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def load_key_file(path: Path) -> SharedKey:

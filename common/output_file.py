@@ -20,25 +20,29 @@ class WriteFailed(BootlinkError):
     """A file could not be written: no space, no permission, no directory, I/O error."""
 
 
-def _elsewhere(kind: str = "larger") -> str:
-    return (
-        f"download to a {kind} filesystem (client.download_dir or --output; the ramdisk's is RAM)"
-    )
+# How a write that did not fit or found a read-only filesystem is fixed, for downloads;
+# other writers (key files, publish --to dir) pass their own.
+DOWNLOAD_ELSEWHERE = (
+    "download to a {kind} filesystem (client.download_dir or --output; the ramdisk's is RAM)"
+)
 
 
-def check_space(directory: Path, need: int, what: str) -> None:
+def check_space(
+    directory: Path, need: int, what: str, elsewhere: str = DOWNLOAD_ELSEWHERE
+) -> None:
     """Refuse up front what cannot fit, instead of failing after most of a download."""
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
     if free < need:
         raise WriteFailed(
             f"{directory} has {_mib(free)} free but {what} takes {_mib(need)}: free space "
-            f"there or {_elsewhere()}"
+            f"there or {elsewhere.format(kind='larger')}"
         )
 
 
-def write_failed(path: Path, exc: OSError) -> WriteFailed:
-    """The one-line error for an OSError met while creating or writing `path`."""
+def write_failed(path: Path, exc: OSError, elsewhere: str = DOWNLOAD_ELSEWHERE) -> WriteFailed:
+    """The one-line error for an OSError met while creating or writing `path`;
+    `elsewhere` says how to write it to another filesystem ({kind}: larger, writable)."""
     where = path.parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
@@ -48,7 +52,7 @@ def write_failed(path: Path, exc: OSError) -> WriteFailed:
             left = ""
         return WriteFailed(
             f"{where} is full{left}: {path.name} could not be written; free space there or "
-            f"{_elsewhere()}"
+            f"{elsewhere.format(kind='larger')}"
         )
     fixes = {
         errno.ENOENT: (
@@ -59,7 +63,7 @@ def write_failed(path: Path, exc: OSError) -> WriteFailed:
         errno.ENOTDIR: f"{where} is not a directory: name a directory",
         errno.EACCES: f"no permission to write in {where}: run as root or pick another place",
         errno.EPERM: f"no permission to write in {where}: run as root or pick another place",
-        errno.EROFS: f"{where} is read-only: {_elsewhere('writable')}",
+        errno.EROFS: f"{where} is read-only: {elsewhere.format(kind='writable')}",
         errno.EFBIG: "the file is too large for that filesystem: use another filesystem",
         errno.EIO: "the disk reports I/O errors: use another disk",
     }

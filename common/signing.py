@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from .errors import BootlinkError, KeyFileError
-from .keys import write_private_file
+from .keys import check_new_private_path, write_private_file
 
 MANIFEST_VERSION = 1
 SIGNING_CONTEXT = b"bootlink image manifest v1\0"
@@ -205,11 +205,7 @@ def fingerprint(public_key: bytes) -> str:
 
 def generate_signing_key(path: Path, *, force: bool = False) -> bytes:
     """Write a new Ed25519 private key (PKCS#8 PEM, mode 0600); return its public key."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise KeyFileError(f"{path} already exists: keep it, or pass --force to replace it")
-    if not path.parent.is_dir():
-        raise KeyFileError(f"{path.parent} does not exist: create the directory first")
+    path = check_new_private_path(path, force=force)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

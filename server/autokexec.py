@@ -29,6 +29,7 @@ import queue
 import re
 import select
 import shlex
+import shutil
 import socket
 import subprocess
 import termios
@@ -346,9 +347,11 @@ class RecordingExecutor:
         import json
 
         initrd_copy = self.path.with_name(self.path.name + ".initrd")
-        with open(image.initrd, "rb") as src, open(initrd_copy, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        # the ramdisk's initrd holds the shared key (its config layer): 0600, like the key
+        fd = os.open(initrd_copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(image.initrd, "rb") as src, open(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
         record = {
             "kernel": str(image.kernel),
             "kernel_sha256": image.kernel_sha256,

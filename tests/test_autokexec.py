@@ -208,7 +208,9 @@ class LaptopFiles:
 
     def layer(self, record: dict) -> dict[str, tuple[int, bytes]]:
         """The files the recorded initrd adds on top of the installed ramdisk."""
-        data = Path(record["initrd_copy"]).read_bytes()
+        copy = Path(record["initrd_copy"])
+        assert copy.stat().st_mode & 0o777 == 0o600  # it holds the key (config layer)
+        data = copy.read_bytes()
         ramdisk = self.ri.read_bytes()
         assert data.startswith(ramdisk)
         start = len(ramdisk) + (-len(ramdisk) % 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,47 @@ def test_keygen_cli(tmp_path, capsys):
     assert "key id" in capsys.readouterr().out
     assert main(["keygen", "--key", str(tmp_path / "k")]) == 2
     assert main(["keygen", "--key", str(tmp_path / "missing-dir" / "k")]) == 2
+
+
+def test_keygen_never_replaces_what_is_not_a_key_file(tmp_path, capsys):
+    """--force replaces an old key, never a device, directory or symlink; a planted
+    <key>.tmp symlink catches nothing; each refusal is one line, nothing left behind."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "k.tmp").symlink_to(victim)  # the old fixed temp name, planted
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(victim)
+    assert main(["keygen", "--key", str(tmp_path / "k")]) == 0
+    assert victim.read_text() == "precious" and (tmp_path / "k").stat().st_size == 32
+    for name in ("fifo", "dir", "link"):
+        for cmd in ("keygen", "sign-key"):
+            assert main([cmd, "--key", str(tmp_path / name), "--force"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "is not a regular file: choose another path" in err[0]
+    assert (tmp_path / "dir").is_dir() and (tmp_path / "link").is_symlink()
+    assert victim.read_text() == "precious"
+    assert main(["keygen", "--key", ""]) == 2
+    assert "names no file" in capsys.readouterr().err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["dir", "fifo", "k", "k.tmp", "link", "victim"]
+
+
+def test_keygen_on_a_full_or_read_only_filesystem_is_one_line(tmp_path, capsys):
+    from smallfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "small", size="64k") as small:
+        (small / "fill").write_bytes(b"\0" * (64 << 10))  # as full as tmpfs lets it be
+        for cmd in ("keygen", "sign-key"):
+            assert main([cmd, "--key", str(small / "k")]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "is full" in err[0] and "another path" in err[0], err
+        (small / "fill").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(small)], check=True)
+        assert main(["keygen", "--key", str(small / "k")]) == 2
+        err = capsys.readouterr().err
+        assert "read-only" in err and "Traceback" not in err
+        assert sorted(p.name for p in small.iterdir()) == []
 
 
 def test_iso_memory_default_off_and_parsed():

@@ -308,6 +308,19 @@ def test_image_layout(tmp_path, config_path, ramdisk_dir):
     assert "key: /etc/bootlink/key" in (tree / "etc/bootlink/config.yaml").read_text()
 
 
+def test_image_on_a_full_filesystem_is_one_line_and_leaves_nothing(
+    tmp_path, config_path, ramdisk_dir
+):
+    from smallfs import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "small", size="3m") as small:
+        with pytest.raises(BootlinkError) as ei:
+            stick.build_stick(_opts(config_path, ramdisk_dir), small / "s.img")
+        msg = str(ei.value)
+        assert "\n" not in msg and " free but " in msg and "(--image)" in msg, msg
+        assert not list(small.iterdir())  # no half-written image, no scratch with the key
+
+
 def test_passphrase_stick_holds_only_the_wrapped_key(tmp_path, config_path, ramdisk_dir):
     img = tmp_path / "stick.img"
     stick.build_stick(_opts(config_path, ramdisk_dir, passphrase="lost stick"), img)

@@ -25,6 +25,7 @@ from bootlink.common.bootimage import sha256_file
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
 from bootlink.common.keys import load_key_file
+from bootlink.common.output_file import check_space, write_failed
 from bootlink.ramdisk import build as rbuild
 
 from . import image, keywrap, uki
@@ -132,6 +133,18 @@ def build_stick(opts: StickOptions, dest: Path) -> image.BuiltImage:
     image.check_writable(dest)
     rd = load_ramdisk(opts.ramdisk_dir)
     cmdline = kernel_cmdline(opts.append, opts.config.client.iso_memory)
+    elsewhere = "write the image to a {kind} filesystem (--image)"
+    # At its peak the scratch holds the UKI's parts, the UKI, the ESP and the disk image
+    # (sparse): each input about three times over.
+    inputs = rd.vmlinuz.stat().st_size + rd.ramdisk.stat().st_size
+    check_space(dest.parent, 3 * inputs + (8 << 20), "building the stick image", elsewhere)
+    try:
+        return _build_stick(opts, rd, cmdline, dest)
+    except OSError as exc:  # a full or read-only filesystem, mid-way: the scratch is gone
+        raise write_failed(dest, exc, elsewhere) from None
+
+
+def _build_stick(opts: StickOptions, rd, cmdline: str, dest: Path) -> image.BuiltImage:
     # A private (0700) scratch folder next to the output: key material passes through it.
     with tempfile.TemporaryDirectory(prefix=".bootlink-stick-", dir=dest.parent) as tmp:
         work = Path(tmp)
