@@ -93,6 +93,11 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                     raise  # the one source's own one-line error says it best
                 log.warning("source %s: %s", spec, exc)
                 errors.append(f"{spec}: {exc}")
+    if not cfg.client.sources:
+        raise BootlinkError(
+            "client.sources is empty: list at least one source, e.g. [link] (see "
+            "config-example.yaml)"
+        )
     if not images:
         raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
     images.sort(key=lambda img: img.provenance.source != "link")

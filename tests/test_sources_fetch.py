@@ -31,6 +31,7 @@ from bootlink.client.sources import web as web_src
 from bootlink.common import ipfs, output_file, swarm
 from bootlink.common.config import config_from_dict
 from bootlink.common.errors import BootlinkError
+from bootlink.common.keys import generate_key_file
 from bootlink.common.signing import ManifestError
 
 FAKES = Path(__file__).parent / "fakes"
@@ -520,6 +521,46 @@ def test_fetch_cli_web_needs_hash(capsys, tmp_path):
     assert "sha256" in capsys.readouterr().err
 
 
+def _one_error_line(capsys, args) -> str:
+    assert bootlink_main([*map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_misuse_is_one_line_naming_the_fix(capsys, tmp_path, image_files):
+    kernel, initrd = image_files
+    (tmp_path / "empty").write_bytes(b"")
+    sk = tmp_path / "sk"
+    assert bootlink_main(["sign-key", "--key", str(sk)]) == 0
+    capsys.readouterr()
+    pub = ["publish", "--to", "dir", "--output", tmp_path / "p", "--unsigned"]
+    cases = [
+        (["fetch", "iso:/x.iso", "--output", tmp_path / "o"], "add --image"),
+        (["fetch", "swarm:" + "ab" * 32, "--output", tmp_path], "is a directory: name the file"),
+        (["ref", "swarm", tmp_path], "not a regular file; name the file to hash"),
+        (
+            [*pub, "--kernel", tmp_path / "empty", "--initrd", initrd],
+            "kernel " + str(tmp_path / "empty") + " is empty",
+        ),
+        (
+            [*pub, "--sign-key", sk, "--kernel", kernel, "--initrd", initrd],
+            "contradict each other",
+        ),
+    ]
+    for args, needle in cases:
+        assert needle in _one_error_line(capsys, args)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_client_with_no_sources_says_so(capsys, tmp_path):
+    generate_key_file(tmp_path / "key")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"key: {tmp_path / 'key'}\nclient: {{sources: []}}\n")
+    line = _one_error_line(capsys, ["client", "--config", cfg, "--dry-run"])
+    assert "client.sources is empty" in line
+
+
 def test_unknown_source_kind():
     with pytest.raises(BootlinkError, match="unknown kind 'ftp'"):
         sources.resolve("ftp://x", config_from_dict({}), Path("/tmp/unused-bootlink"))
@@ -571,3 +612,51 @@ def test_source_whose_stream_broke_is_tried_again_a_lying_one_is_not(
     with pytest.raises(BootlinkError, match="does not hash to its address"):
         boot.choose_image(cfg, progress=False)
     assert "trying again" not in caplog.text
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """A web server answering every path its own way: an HTML 404 page, a redirect loop,
+    a 503 with a JSON message."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/loop"):
+            self.send_response(302)
+            self.send_header("Location", f"/loop{len(self.path)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status, ctype, body = {
+            "/gone": (404, "text/html", b"<html><body>" + b"<p>Not here</p>\n" * 200 + b"</html>"),
+            "/busy": (503, "application/json", b'{"message": "node syncing"}'),
+        }[self.path]
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/gone", "HTTP 404 Not Found; check the URL"),
+        ("/loop", "more than 5 redirects; check the URL"),
+        ("/busy", "HTTP 503 node syncing; the server failed: retry later or use another mirror"),
+    ],
+)
+def test_web_errors_are_one_short_line_with_a_fix(tmp_path, path, expected):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+        with pytest.raises(BootlinkError) as ei:
+            web_src.fetch(url, tmp_path / "out", progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    msg = str(ei.value)
+    assert msg.endswith(expected) and "\n" not in msg and "<" not in msg, msg
+    assert len(msg) < 200 and not list(tmp_path.iterdir())

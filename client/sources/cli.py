@@ -120,7 +120,8 @@ def _sign_key(args: argparse.Namespace) -> int:
 def _ref(args: argparse.Namespace) -> int:
     path: Path = args.file
     if not path.is_file():
-        raise BootlinkError(f"{path}: no such file")
+        what = "not a regular file" if path.exists() else "no such file"
+        raise BootlinkError(f"{path}: {what}; name the file to hash")
     size = path.stat().st_size
     prog = Progress(f"hashing {path.name}", size) if size > 64 << 20 else None
     if args.network == "swarm":
@@ -145,6 +146,10 @@ def _publish(args: argparse.Namespace) -> int:
     for role, path in files.items():
         if not path.is_file():
             raise BootlinkError(f"{role} {path} is not a file: pass --{role} PATH")
+        if role != "rootfs" and path.stat().st_size == 0:
+            raise BootlinkError(f"{role} {path} is empty: pass the real --{role} PATH")
+    if args.sign_key and args.unsigned:
+        raise BootlinkError("--sign-key and --unsigned contradict each other: pass one of them")
     if not args.sign_key and not args.unsigned:
         raise BootlinkError(
             "publish needs --sign-key PATH (make one with 'bootlink sign-key'), or --unsigned "
@@ -235,6 +240,10 @@ def _fetch_with(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     kind = spec_kind(args.spec)
     out: Path = args.output
+    if out.is_dir():
+        raise BootlinkError(
+            f"--output {out} is a directory: name the file to write (a directory is for --image)"
+        )
     if kind == "swarm":
         ref = swarm_codec.parse_reference(strip_kind(args.spec, "swarm"))
         got = swarm.fetch(
@@ -270,7 +279,8 @@ def _fetch_with(args: argparse.Namespace, cfg: Config) -> int:
         web.fetch(ws.url, out, sha256=ws.sha256, timeout=cfg.client.timeout, progress=progress)
         how = "sha256 pinned in the spec"
     else:
-        raise BootlinkError(f"fetch takes swarm:, ipfs: or http(s): specs, not '{kind}:'")
+        hint = " (an iso: source gives a boot image: add --image)" if kind == "iso" else ""
+        raise BootlinkError(f"fetch takes swarm:, ipfs: or http(s): specs, not '{kind}:'{hint}")
     size = out.stat().st_size
     print(f"wrote {out} ({size} bytes, sha256 {sha256_file(out)}); verified: {how}")
     return 0

@@ -64,6 +64,14 @@ class WebFetch:
     sha256: str
 
 
+def _fix(status: int) -> str:
+    if status in (401, 403):
+        return "the server refuses access: check the URL or use another mirror"
+    if status >= 500:
+        return "the server failed: retry later or use another mirror"
+    return "check the URL"
+
+
 def fetch(
     url: str,
     output: Path,
@@ -96,10 +104,15 @@ def fetch(
             path = urllib.parse.urlunsplit(("", "", u.path or "/", u.query, ""))
             continue
         break
+    else:
+        http.close()
+        raise BootlinkError(f"download of {url}: more than 5 redirects; check the URL")
     if resp.status != 200:
         body = resp.read(4096)
+        kind = resp.getheader("Content-Type", "")
         http.close()
-        raise BootlinkError(f"download of {url}: HTTP {resp.status} {error_text(body)}")
+        detail = resp.reason if "html" in kind else error_text(body) or resp.reason
+        raise BootlinkError(f"download of {url}: HTTP {resp.status} {detail}; {_fix(resp.status)}")
     length = resp.getheader("Content-Length")
     total = int(length) if length and length.isdigit() else 0
     if total > max_size:
