@@ -8,6 +8,7 @@ accepted as another (a discovery answer is not a boot manifest, and so on).
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import stat
 import tempfile
@@ -114,23 +115,30 @@ def load_key_file(path: Path) -> SharedKey:
     """Load the shared key, refusing files that others could read or that are malformed."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO named as the key must be refused below, not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise KeyFileError(
             f"key file {path} not found: create one with 'bootlink keygen --key {path}'"
         ) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a link could be swapped for another file
+            raise KeyFileError(
+                f"key file {path} is a symbolic link: name the file itself ({path.resolve()})"
+            ) from None
         raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {path} is not a regular file")
+            raise KeyFileError(
+                f"key file {path} is not a regular file: name the file 'bootlink keygen' wrote"
+            )
         if st.st_mode & 0o077:
             raise KeyFileError(
                 f"key file {path} is readable by group/others (mode {st.st_mode & 0o777:o}): "
                 f"run 'chmod 600 {path}'"
             )
-        data = os.read(fd, 4096)  # a raw key is 32 bytes; a passphrase-wrapped one 88
+        data = os.read(fd, 4097)  # a raw key is 32 bytes; a passphrase-wrapped one 88
     finally:
         os.close(fd)
     if len(data) != KEY_SIZE:
@@ -138,8 +146,9 @@ def load_key_file(path: Path) -> SharedKey:
 
         if keywrap.is_wrapped(data):
             return SharedKey(keywrap.unlock(data, path))
+        held = f"{len(data)} bytes" if len(data) <= 4096 else "more than 4096 bytes"
         raise KeyFileError(
-            f"key file {path} holds {len(data)} bytes, not {KEY_SIZE}: "
+            f"key file {path} holds {held}, not {KEY_SIZE}: "
             f"regenerate it with 'bootlink keygen --key {path} --force' on one side and copy it"
         )
     return SharedKey(data)

@@ -81,6 +81,8 @@ def make_dir(path: Path) -> Path:
 
 
 def _mib(n: int) -> str:
+    if n < 1 << 20:  # "0.0 MiB free but it takes 0.0 MiB" says nothing
+        return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
     return f"{n / (1 << 20):.1f} MiB"
 
 

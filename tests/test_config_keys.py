@@ -106,10 +106,25 @@ def test_unsafe_or_malformed_key_refused(tmp_path, mode, content, needle):
         load_key_file(path)
 
 
+def test_key_that_is_a_fifo_link_or_huge_is_refused_at_once(tmp_path):
+    os.mkfifo(tmp_path / "fifo", 0o600)  # opened blocking, this would wait for a writer
+    with pytest.raises(KeyFileError, match="is not a regular file: name the file"):
+        load_key_file(tmp_path / "fifo")
+    generate_key_file(tmp_path / "key")
+    (tmp_path / "link").symlink_to(tmp_path / "key")
+    with pytest.raises(KeyFileError, match=r"is a symbolic link: name the file itself \("):
+        load_key_file(tmp_path / "link")
+    (tmp_path / "big").write_bytes(bytes(100_000))
+    (tmp_path / "big").chmod(0o600)
+    with pytest.raises(KeyFileError, match="holds more than 4096 bytes, not 32"):
+        load_key_file(tmp_path / "big")
+
+
 def test_every_command_refuses_a_bad_key_with_one_line(tmp_path, capsys):
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o644)
+    (tmp_path / "disk").write_bytes(bytes(1 << 20))  # a good disk: only the key is wrong
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"key: {key}\nserver: {{disk: {tmp_path / 'disk'}}}\n")
     for cmd in (["server"], ["client", "--dry-run"]):

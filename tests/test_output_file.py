@@ -55,7 +55,7 @@ def test_disk_filling_up_midway_is_one_line_and_leaves_nothing(small):
         for _ in range(8):  # 2 MiB into 1 MiB
             out.write(block)
     msg = one_line(ei.value)
-    assert msg.startswith(f"{small} is full (0.0 MiB left): initrd.part could not be written")
+    assert msg.startswith(f"{small} is full (0 bytes left): initrd.part could not be written")
     assert "client.download_dir or --output" in msg
     assert os.listdir(small) == []  # the space is given back
 

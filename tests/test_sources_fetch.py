@@ -262,7 +262,7 @@ def test_full_download_dir_is_one_line_and_leaves_nothing(
         if upfront:
             assert msg.startswith(f"{small} has 2.0 MiB free but initrd takes 3.0 MiB: ")
         else:
-            assert msg.startswith(f"{small} is full (0.0 MiB left): initrd.part could not")
+            assert msg.startswith(f"{small} is full (0 bytes left): initrd.part could not")
         assert msg.endswith(
             "free space there or download to a larger filesystem (client.download_dir or "
             "--output; the ramdisk's is RAM)"

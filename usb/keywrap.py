@@ -161,7 +161,10 @@ def unlock(
         key_id = SharedKey(secret).key_id()  # public fingerprint: shows it is the right key
         print(f"bootlink: key unlocked (key id {key_id})", file=err, flush=True)
         return secret
-    raise KeyFileError(f"{tries} wrong passphrases for {path}: reboot to try again")
+    raise KeyFileError(
+        f"{tries} wrong passphrases for {path} (or the key file was altered): reboot to try "
+        "again, or rewrite the stick with 'bootlink usb create'"
+    )
 
 
 def ask_console(prompt: str, fd: int | None = None, err=None) -> str | None:
