@@ -633,6 +633,33 @@ def _concat(parts: list[Path], dest: Path, mode: int = 0o644) -> None:
     os.chmod(dest, mode)
 
 
+def check_inputs(opts: BuildOptions) -> None:
+    """Refuse bad inputs before minutes of work: the key the config names (the config
+    layer is packed last), the zstd level, the apt sources, the bootlink checkout, the
+    Bee binary."""
+    if opts.config is not None:
+        from bootlink.common.keys import load_key_file
+
+        load_key_file(opts.config.key_path)
+    if not 1 <= opts.zstd_level <= 22:
+        raise BootlinkError(f"--zstd-level {opts.zstd_level}: pick 1 (fast) to 22 (smallest)")
+    for src in opts.sources:
+        if not Path(src).is_file():
+            raise BootlinkError(f"--sources {src}: no such file; name an apt sources file")
+    if opts.source_root and not (Path(opts.source_root) / "setup.py").is_file():
+        raise BootlinkError(
+            f"--source-root {opts.source_root} has no setup.py: name a bootlink checkout"
+        )
+    for name, folder in bootlink_packages(opts.source_root).items():
+        if not folder.is_dir():
+            raise BootlinkError(
+                f"--source-root {opts.source_root or REPO_ROOT}: {name} is missing "
+                f"({folder}); name a bootlink checkout"
+            )
+    if opts.bee:
+        check_bee_binary(opts.bee)
+
+
 def build(opts: BuildOptions) -> BuildResult:
     t_start = time.monotonic()
     steps = Steps(6 if opts.config else 5)
@@ -641,8 +668,7 @@ def build(opts: BuildOptions) -> BuildResult:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BootlinkError(f"cannot create {out}: {exc.strerror}; pass another --output") from None
-    if opts.bee:
-        check_bee_binary(opts.bee)
+    check_inputs(opts)
     pkgs = packages.package_list(opts.with_kexec_tools)
     if opts.variant == "full":
         pkgs = packages.package_list(True, ["systemd-sysv"])

@@ -3,6 +3,7 @@ module closure, ELF dependency pruning, the config layer and the shell scripts' 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -554,3 +555,25 @@ def test_vm_command_uses_taps_never_user_networking(tmp_path):
     assert "-accel tcg" in cmd and "-netdev user" not in cmd
     assert "tap,id=n1,ifname=t1,script=no,downscript=no" in cmd
     assert "mac=52:54:00:b1:00:02" in cmd and "-no-reboot" in cmd
+
+
+def test_bad_build_inputs_are_refused_before_any_work(tmp_path):
+    """A multi-minute build must not start on inputs that fail at its end."""
+    from bootlink.common.errors import KeyFileError
+
+    (tmp_path / "key").write_bytes(bytes(32))
+    (tmp_path / "key").chmod(0o644)
+    cfg = config_from_dict({"key": str(tmp_path / "key")}, source="test")
+    base = build.BuildOptions(output=tmp_path / "out", cache=tmp_path / "cache")
+    build.check_inputs(base)  # this checkout, defaults: fine
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        build.check_inputs(dataclasses.replace(base, config=cfg))
+    for bad, needle in (
+        ({"zstd_level": 99}, "--zstd-level 99: pick 1"),
+        ({"zstd_level": -5}, "--zstd-level -5: pick 1"),
+        ({"sources": (tmp_path / "nope.list",)}, "no such file; name an apt sources file"),
+        ({"source_root": tmp_path}, "name a bootlink checkout"),
+    ):
+        with pytest.raises(BootlinkError, match=needle):
+            build.check_inputs(dataclasses.replace(base, **bad))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
