@@ -193,6 +193,20 @@ def rootfs_key(pkgs: list[str], opts: BuildOptions, sources: tuple[Path, ...]) -
     return h.hexdigest()[:16]
 
 
+def discard_tree(path: Path) -> None:
+    """Remove a half-built root. mmdebstrap --mode=root mounts /proc, /sys and /dev into
+    it while it runs; if one is still mounted (it was killed), detach it first, or the
+    removal would walk into the host's /dev."""
+    if not path.exists():
+        return
+    inside = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for mnt in sorted((m for m in mounts if m.startswith(inside)), reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def build_rootfs(pkgs: list[str], opts: BuildOptions, sources: tuple[Path, ...]) -> Path:
     """mmdebstrap into cache/rootfs/<key> (reused when the same inputs come again)."""
     key = rootfs_key(pkgs, opts, sources)
@@ -203,8 +217,7 @@ def build_rootfs(pkgs: list[str], opts: BuildOptions, sources: tuple[Path, ...])
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    discard_tree(tmp)
     cmd = mmdebstrap_command(tmp, pkgs, opts, sources)
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(opts.epoch), LC_ALL="C.UTF-8")
     log = opts.cache / "rootfs" / f"{opts.variant}-{key}.log"
@@ -213,7 +226,11 @@ def build_rootfs(pkgs: list[str], opts: BuildOptions, sources: tuple[Path, ...])
             proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
         except FileNotFoundError:
             raise BootlinkError("mmdebstrap not found: apt-get install mmdebstrap") from None
+        except BaseException:  # Ctrl-C: hundreds of MB of half a root would stay behind
+            discard_tree(tmp)
+            raise
     if proc.returncode != 0:
+        discard_tree(tmp)
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise BootlinkError(f"mmdebstrap exited {proc.returncode}: {' | '.join(tail)} (log: {log})")
     tmp.rename(dest)

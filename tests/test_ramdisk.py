@@ -577,3 +577,19 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path):
         with pytest.raises(BootlinkError, match=needle):
             build.check_inputs(dataclasses.replace(base, **bad))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_discard_tree_detaches_mounts_before_removing(tmp_path):
+    """A killed mmdebstrap can leave /proc or /dev mounted inside the half-built root:
+    removing it must not walk into them."""
+    root = tmp_path / "root.tmp"
+    (root / "proc").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "x").write_text("x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    subprocess.run(["mount", "--bind", str(outside), str(root / "proc")], check=True)
+    build.discard_tree(root)
+    assert not root.exists() and (outside / "keep").read_text() == "keep"
+    build.discard_tree(root)  # nothing there: nothing to do
