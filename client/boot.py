@@ -21,7 +21,7 @@ from typing import Any
 from bootlink.common.bootimage import BootImage, check_digests
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError, Interrupted
-from bootlink.common.output_file import make_dir
+from bootlink.common.output_file import make_dir, removed_on_failure
 
 from . import menu
 from .link_source import boot_from_link
@@ -84,7 +84,8 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                 resolve = _resolver_for(spec)
                 make_dir(workdir)
                 spec_cfg = reach.prepare(spec.strip(), cfg)
-                found = _resolve_patiently(resolve, spec.strip(), spec_cfg, workdir, progress)
+                with removed_on_failure(workdir):  # a failed source leaves no folders
+                    found = _resolve_patiently(resolve, spec.strip(), spec_cfg, workdir, progress)
                 if resolve is not resolve_link:  # the link puts it after its NBD words itself
                     found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]
                 images.extend(found)

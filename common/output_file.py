@@ -9,8 +9,11 @@ one `WriteFailed` line naming the file and the fix, from whichever thread hit it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BootlinkError
@@ -27,9 +30,7 @@ DOWNLOAD_ELSEWHERE = (
 )
 
 
-def check_space(
-    directory: Path, need: int, what: str, elsewhere: str = DOWNLOAD_ELSEWHERE
-) -> None:
+def check_space(directory: Path, need: int, what: str, elsewhere: str = DOWNLOAD_ELSEWHERE) -> None:
     """Refuse up front what cannot fit, instead of failing after most of a download."""
     st = os.statvfs(directory)
     free = st.f_bavail * st.f_frsize
@@ -78,6 +79,29 @@ def make_dir(path: Path) -> Path:
     except OSError as exc:
         raise write_failed(path, exc) from None
     return path
+
+
+@contextlib.contextmanager
+def removed_on_failure(directory: Path) -> Iterator[None]:
+    """What appears in `directory` while the body runs is removed if the body fails (an
+    error, Ctrl-C): a failed download leaves no empty or half-filled folders behind.
+    What was there before is never touched; a directory the body created goes whole."""
+    directory = Path(directory)
+    before = set(os.listdir(directory)) if directory.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if before is None:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif directory.is_dir():
+            for name in set(os.listdir(directory)) - before:
+                path = directory / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        raise
 
 
 def _mib(n: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from smallfs import mounted_tmpfs
 
+from bootlink.common import output_file
 from bootlink.common.output_file import OutputFile, WriteFailed, make_dir
 
 if os.geteuid() != 0:
@@ -113,3 +114,23 @@ def test_read_only_and_missing_directories_named(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(WriteFailed, match="Not a directory"):
         make_dir(tmp_path / "file" / "sub")
+
+
+def test_removed_on_failure_takes_only_what_the_failed_body_made(tmp_path):
+    old = tmp_path / "d"
+    old.mkdir()
+    (old / "kept").write_text("x")
+    with pytest.raises(KeyboardInterrupt), output_file.removed_on_failure(old):
+        (old / "swarm-1").mkdir()
+        (old / "swarm-1" / "manifest.json").write_text("{}")
+        (old / "loose.part").write_text("p")
+        raise KeyboardInterrupt
+    assert sorted(os.listdir(old)) == ["kept"]
+    with output_file.removed_on_failure(old):
+        (old / "ok").mkdir()  # a body that succeeds keeps what it made
+    assert sorted(os.listdir(old)) == ["kept", "ok"]
+    new = tmp_path / "new"
+    with pytest.raises(ValueError), output_file.removed_on_failure(new):
+        new.mkdir()
+        raise ValueError
+    assert not new.exists()

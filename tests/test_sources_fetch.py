@@ -660,3 +660,14 @@ def test_web_errors_are_one_short_line_with_a_fix(tmp_path, path, expected):
     msg = str(ei.value)
     assert msg.endswith(expected) and "\n" not in msg and "<" not in msg, msg
     assert len(msg) < 200 and not list(tmp_path.iterdir())
+
+
+def test_failed_image_fetch_leaves_no_folders(bee, tmp_path, capsys):
+    """fetch --image of a reference that is not there: one line, and the output folder
+    it would have made is not left behind (nor one inside an existing folder)."""
+    _state, url = bee
+    missing = "swarm:" + "ab" * 32
+    for out in (tmp_path / "new", tmp_path):
+        args = ["fetch", missing, "--image", "--output", out, "--bee", url]
+        assert _one_error_line(capsys, args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ from pathlib import Path
 from bootlink.common.bootimage import BootImage
 from bootlink.common.config import Config
 from bootlink.common.errors import BootlinkError
-from bootlink.common.output_file import make_dir
+from bootlink.common.output_file import make_dir, removed_on_failure
 
 from .resolvers import (
     Resolver,
@@ -52,8 +52,9 @@ def resolve(spec: str, cfg: Config, workdir: Path, progress: bool = True) -> lis
     if fn is None:
         known = ", ".join(sorted(SOURCE_KINDS))
         raise BootlinkError(f"source '{spec}': unknown kind '{kind}'; known kinds: {known}")
-    make_dir(workdir)
-    return fn(spec.strip(), cfg, workdir, progress)
+    with removed_on_failure(workdir):
+        make_dir(workdir)
+        return fn(spec.strip(), cfg, workdir, progress)
 
 
 def resolve_all(
