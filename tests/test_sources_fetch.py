@@ -671,3 +671,37 @@ def test_failed_image_fetch_leaves_no_folders(bee, tmp_path, capsys):
         args = ["fetch", missing, "--image", "--output", out, "--bee", url]
         assert _one_error_line(capsys, args)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class _GatewayTimesOut(http.server.BaseHTTPRequestHandler):
+    """What kubo's gateway answers when it cannot retrieve content within
+    Gateway.RetrievalTimeout: 504 (boxo gateway/errors.go)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"ipfs resolve -r /ipfs/...: context deadline exceeded"
+        self.send_response(504)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("mode", ["car", "raw"])
+def test_ipfs_gateway_timeout_is_worth_another_try(tmp_path, mode):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatewayTimesOut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cid = ipfs.cid_of_bytes(b"x" * 100, "kubo-v1")
+    try:
+        with pytest.raises(ipfs_src.IpfsStreamBroken) as ei:  # Interrupted: retried
+            ipfs_src.fetch(
+                cid, f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "o",
+                mode=mode, progress=False,
+            )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "HTTP 504" in str(ei.value) and "could not retrieve it in time; retry" in str(ei.value)
+    assert not list(tmp_path.iterdir())

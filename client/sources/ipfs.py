@@ -43,6 +43,13 @@ RAW_ACCEPT = "application/vnd.ipld.raw"
 MODES = ("car", "raw")
 
 
+# A gateway that could not fetch the content in time (kubo's Gateway.RetrievalTimeout,
+# 30 s: boxo answers 504) or is overloaded says nothing about the content: worth another
+# try, unlike a 404 or a wrong block.
+GATEWAY_GAVE_UP = (502, 503, 504)
+GAVE_UP_FIX = "the gateway could not retrieve it in time; retry, or try another --gateway"
+
+
 class IpfsBlockError(ProtocolError):
     """A gateway sent a block that is not the one asked for, or a broken DAG/CAR."""
 
@@ -157,10 +164,10 @@ class _CarBlocks:
         if resp.status != 200:
             body = resp.read(4096)
             self.close()
-            raise IpfsBlockError(
-                f"ipfs {root} from {http.base}: HTTP {resp.status} {error_text(body)}; "
-                "is the CID pinned/reachable there? try another --gateway"
-            )
+            what = f"ipfs {root} from {http.base}: HTTP {resp.status} {error_text(body)}"
+            if resp.status in GATEWAY_GAVE_UP:
+                raise IpfsStreamBroken(f"{what}; {GAVE_UP_FIX}")
+            raise IpfsBlockError(f"{what}; is the CID pinned there? try another --gateway")
         ctype = resp.getheader("Content-Type", "")
         if not ctype.startswith("application/vnd.ipld.car"):
             self.close()
@@ -450,9 +457,10 @@ class _RawBlocks:
                 "retrievable there; try another --gateway"
             )
         if status != 200:
-            raise IpfsBlockError(
-                f"ipfs block {cid} from {self.http.base}: HTTP {status} {error_text(body)}"
-            )
+            what = f"ipfs block {cid} from {self.http.base}: HTTP {status} {error_text(body)}"
+            if status in GATEWAY_GAVE_UP:
+                raise IpfsStreamBroken(f"{what}; {GAVE_UP_FIX}")
+            raise IpfsBlockError(f"{what}; try another --gateway")
         if not cid.verify(body):
             raise IpfsBlockError(
                 f"ipfs block {cid} from {self.http.base} does not match its CID: the gateway "
