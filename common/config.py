@@ -9,6 +9,7 @@ field; errors name the file, the dotted key and what to write instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -102,19 +103,65 @@ def load_config(path: Path | str) -> Config:
     """Read and validate a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"config file {path} not found: copy config-example.yaml there and edit it"
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config file {path} is a directory: name the YAML file (see config-example.yaml)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a text (UTF-8) YAML file: {exc.reason} at byte {exc.start}; "
+            "give bootlink's YAML config (see config-example.yaml)"
+        ) from None
     return parse_config(text, source=str(path))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:  # 1-based lines
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" then overriding keys is how merging works
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{source}: line {exc.line}: key '{exc.key}' is given twice in the same mapping "
+            f"(first on line {exc.first}): keep one of them"
+        ) from None
+    except yaml.reader.ReaderError as exc:  # a control character such as NUL
+        raise ConfigError(
+            f"{source} is not a text YAML file: character U+{exc.character:04X} at position "
+            f"{exc.position} is not allowed; give bootlink's YAML config (see "
+            "config-example.yaml)"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -187,14 +234,37 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a whole number; got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: '{key}' must be a number; got {value!r}")
-        return float(value)
+        number = _number(value)
+        if number is None:
+            raise ConfigError(f"{source}: '{key}' must be a number, e.g. 30; got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, e.g. 30; got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ConfigError(f"{source}: '{key}' must be text; got {_kind(value)}")
         return str(value)
     return value
+
+
+def _number(value: Any) -> float | None:
+    """A float key's value as a float (inf/nan included: the caller refuses them); None if
+    it is no number. YAML 1.1 reads 1e3 (no dot) as text, so numeric text counts too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -216,6 +286,18 @@ def iso_memory_range(text: str) -> tuple[int, int] | None:
     return size, start
 
 
+MAX_SECONDS = 366 * 24 * 3600  # a year: far below what timers take (threading.TIMEOUT_MAX)
+
+
+def _check_seconds(cfg: Config, key: str, value: float, zero: str) -> None:
+    """A duration: > 0 (or >= 0 when `zero` says what 0 means) and at most MAX_SECONDS."""
+    low_ok = value >= 0 if zero else value > 0
+    if low_ok and value <= MAX_SECONDS:
+        return
+    allowed = f"0..{MAX_SECONDS} seconds ({zero})" if zero else f"> 0 and <= {MAX_SECONDS} seconds"
+    raise ConfigError(f"{cfg.source}: '{key}' must be {allowed}; got {value:g}")
+
+
 def _validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     for name in ("discovery_port", "http_port", "nbd_port"):
@@ -226,8 +308,22 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"{cfg.source}: 'link.mtu' must be 1280..65535 (IPv6 minimum 1280); got {cfg.link.mtu}"
         )
-    if cfg.client.timeout <= 0:
-        raise ConfigError(f"{cfg.source}: 'client.timeout' must be > 0 seconds")
+    twice = sorted({n for n in cfg.link.interfaces if cfg.link.interfaces.count(n) > 1})
+    if twice:
+        raise ConfigError(
+            f"{cfg.source}: 'link.interfaces' names {', '.join(twice)} twice: list each NIC once"
+        )
+    if "lo" in cfg.link.interfaces:
+        raise ConfigError(
+            f"{cfg.source}: 'link.interfaces' cannot use lo (loopback is no link): name the "
+            "link NIC, or leave the list empty for every NIC"
+        )
+    _check_seconds(cfg, "client.timeout", cfg.client.timeout, zero="")
+    if cfg.client.menu_timeout >= 0:  # negative: wait for a choice (GRUB's timeout=-1)
+        _check_seconds(
+            cfg, "client.menu_timeout", cfg.client.menu_timeout, zero="0 = boot the default at once"
+        )
+    _check_seconds(cfg, "autokexec.confirm_timeout", cfg.autokexec.confirm_timeout, zero="")
     if cfg.client.lan not in ("auto", "dhcp", "none"):
         raise ConfigError(
             f"{cfg.source}: 'client.lan' must be auto, dhcp or none; got {cfg.client.lan!r}"

@@ -17,6 +17,7 @@ the generator there in a chroot (in a private mount namespace that vanishes with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -170,17 +171,22 @@ class Manifest:
         if not p.exists():
             return cls()
         try:
-            data = json.loads(p.read_text())
-            return cls(
-                **{
-                    k: data[k]
-                    for k in ("generator", "files", "dirs", "hook_digest", "initrds")
-                    if k in data
-                }
-            )
-        except (ValueError, TypeError) as exc:
+            data = json.loads(p.read_bytes())
+            kinds = {"generator": str, "files": dict, "dirs": list, "hook_digest": str}
+            kinds["initrds"] = dict
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            for k, kind in kinds.items():
+                if k in data and not isinstance(data[k], kind):
+                    raise ValueError(f"'{k}' is not a {kind.__name__}")
+            for k in ("files", "initrds"):
+                if not all(isinstance(v, dict) for v in data.get(k, {}).values()):
+                    raise ValueError(f"an entry of '{k}' is not an object")
+            return cls(**{k: data[k] for k in kinds if k in data})
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc
             raise BootlinkError(
-                f"{p} is unreadable ({exc}): restore it or remove it (then --uninstall "
+                f"{p} is unreadable ({why}): restore it or remove it (then --uninstall "
                 "cannot undo the earlier install)"
             ) from None
 
@@ -204,19 +210,75 @@ class Planner:
     def __init__(self, target: Target, manifest: Manifest, generator: str | None) -> None:
         self.t, self.m, self.generator = target, manifest, generator
         self.actions: list[Action] = []
+        self.writes: set[str] = set()  # paths whose directories the actions change
+
+    def _check_kind(self, path: str, why: str) -> None:
+        """Refuse now, before anything changes, what applying could only trip over: a
+        directory (or device, FIFO...) where a file goes, a file where a directory goes."""
+        for parent in reversed(Path(path).parents):
+            hparent = self.t.host(str(parent))
+            if os.path.lexists(hparent) and not hparent.is_dir():
+                raise BootlinkError(
+                    f"{hparent} is not a directory but {path} goes inside it: move it out "
+                    "of the way and run setup-server-os again; nothing was changed"
+                )
+        hp = self.t.host(path)
+        try:
+            st = os.lstat(hp)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise BootlinkError(
+                f"cannot inspect {hp}: {exc.strerror}; nothing was changed"
+            ) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise BootlinkError(
+                f"{hp} is {_kind_of(st.st_mode)}, not a file: move it out of the way ({why}) "
+                "and run setup-server-os again; nothing was changed"
+            )
+
+    def check_writable(self) -> None:
+        """Refuse now, before anything changes, a read-only filesystem or a directory we
+        may not write in (a --root on a read-only mount would otherwise fail half-way)."""
+        if self.actions:
+            self.writes.add(MANIFEST)
+        seen: set[Path] = set()
+        for path in sorted(self.writes):
+            d = self.t.host(path).parent
+            while not os.path.lexists(d) and d != d.parent:
+                d = d.parent
+            if d in seen or not d.is_dir():
+                continue
+            seen.add(d)
+            if os.statvfs(d).f_flag & os.ST_RDONLY:
+                mnt = _mount_point(d)
+                raise BootlinkError(
+                    f"{d} is on a read-only filesystem ({mnt}), so {path} cannot be written: "
+                    f"remount it read-write (mount -o remount,rw {mnt}) and run "
+                    "setup-server-os again; nothing was changed"
+                )
+            if not os.access(d, os.W_OK):
+                raise BootlinkError(
+                    f"no permission to write in {d} (for {path}): run setup-server-os as "
+                    "root; nothing was changed"
+                )
 
     # -- files
 
     def put(self, w: Wanted) -> bool:
         """Plan `w` unless already in place; True if something will change."""
+        self._check_kind(w.path, f"bootlink installs {w.what} there")
         if self.t.matches(w):
             return False
         entry = self.m.files.get(w.path)
         existed = self.t.exists(w.path)
         backup = entry["backup"] if entry else None
         detail: list[str] = []
+        self.writes.add(w.path)
         if existed and entry is None:
             backup = BACKUP_DIR + w.path
+            self._check_kind(backup, "bootlink keeps the original there")
+            self.writes.add(backup)
             detail.append(f"the current one is kept as {backup} for --uninstall")
         verb = "replace" if existed else "create"
         detail += self._diff(w)
@@ -224,7 +286,13 @@ class Planner:
         def apply() -> None:
             if existed and entry is None:
                 self._backup(w.path, backup)
-            self._write(w)
+            try:
+                self._write(w)
+            except BaseException:
+                if existed and entry is None:  # not recorded: the original is still in place
+                    with contextlib.suppress(OSError):
+                        self.t.host(backup).unlink()
+                raise
             self.m.files[w.path] = {
                 "sha256": sha256(w.content) if w.link is None else "",
                 "link": w.link,
@@ -237,6 +305,11 @@ class Planner:
     def remove(self, path: str, why: str) -> None:
         entry = self.m.files[path]
         backup = entry.get("backup")
+        self._check_kind(path, "bootlink installed a file there")
+        self.writes.add(path)
+        if backup:
+            self._check_kind(backup, "bootlink kept the original there")
+            self.writes.add(backup)
         title = f"restore {path} from {backup}" if backup else f"remove {path}"
         changed = self._changed_since(path, entry)
         detail = [f"{why}"]
@@ -297,23 +370,30 @@ class Planner:
                 self.m.dirs.append(d)
 
     def _write(self, w: Wanted) -> None:
+        """Write `w` beside its place and rename it over what is there: a failure leaves
+        the old file (or symlink) as it was and no temporary file behind."""
         self._mkdirs(w.path)
         p = self.t.host(w.path)
-        if os.path.lexists(p):
-            p.unlink()
-        if w.link is not None:
-            os.symlink(w.link, p)
-            return
         tmp = p.with_name(f".{p.name}.bootlink-tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, w.mode)
+        if os.path.lexists(tmp):  # left by a killed run
+            tmp.unlink()
         try:
-            os.fchmod(fd, w.mode)
-            view = memoryview(w.content)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, p)
+            if w.link is not None:
+                os.symlink(w.link, tmp)
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, w.mode)
+                try:
+                    os.fchmod(fd, w.mode)
+                    view = memoryview(w.content)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def _backup(self, path: str, backup: str) -> None:
         self._mkdirs(backup)
@@ -376,6 +456,10 @@ class Planner:
             )
             return
         cmds = self.regen_commands(kvers)
+        for path in self.initrd_files():
+            self.writes |= {path, BACKUP_DIR + path}
+        for v in kvers:
+            self.writes |= {f"/boot/initrd.img-{v}", f"/var/lib/initramfs-tools/{v}"}
         where = "" if self.t.live else f" (chroot {self.t.root})"
         detail = [why, *(f"run{where}: {shlex.join(c)}" for c in cmds)]
         detail.append(
@@ -432,6 +516,28 @@ class Planner:
         tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, p)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding `path` (an existing directory)."""
+    path = path.resolve()
+    dev = path.stat().st_dev
+    while path != path.parent and path.parent.stat().st_dev == dev:
+        path = path.parent
+    return path
 
 
 def _is_text(data: bytes) -> bool:
@@ -577,10 +683,8 @@ def ramdisk_files(cfg: Config, ramdisk: Path) -> list[Wanted]:
         "vmlinuz": cfg.autokexec.ramdisk_kernel,
         "ramdisk.cpio.zst": cfg.autokexec.ramdisk_initrd,
     }
-    known = {}
     manifest = ramdisk / "manifest.json"
-    if manifest.is_file():
-        known = {k: v["sha256"] for k, v in json.loads(manifest.read_text())["files"].items()}
+    known = _ramdisk_manifest(manifest) if manifest.is_file() else {}
     out = []
     for name, dest in pairs.items():
         src = ramdisk / name
@@ -595,6 +699,28 @@ def ramdisk_files(cfg: Config, ramdisk: Path) -> list[Wanted]:
         what = "bootlink ramdisk kernel" if name == "vmlinuz" else "bootlink ramdisk (no key)"
         out.append(Wanted(dest, what, data))
     return out
+
+
+def _ramdisk_manifest(manifest: Path) -> dict[str, str]:
+    """The SHA-256 of each file `bootlink ramdisk build` listed in `manifest`."""
+    try:
+        data = json.loads(manifest.read_bytes())
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, dict):
+            raise ValueError("no 'files' object")
+        known = {}
+        for name, entry in files.items():
+            sha = entry.get("sha256") if isinstance(entry, dict) else None
+            if not isinstance(sha, str):
+                raise ValueError(f"no sha256 for {name!r}")
+            known[name] = sha
+        return known
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else " ".join(str(exc).split())
+        raise BootlinkError(
+            f"{manifest} is not a bootlink ramdisk manifest ({why}): rebuild with "
+            f"'bootlink ramdisk build --output {manifest.parent}'"
+        ) from None
 
 
 def wanted_files(
@@ -679,6 +805,7 @@ def plan_uninstall(target: Target) -> Planner:
             "",
         )
     if not manifest.empty() or manifest.dirs:
+        planner.writes |= {MANIFEST, BACKUP_DIR + "/x", *(d + "/x" for d in manifest.dirs)}
         planner.actions.append(
             Action(
                 f"remove {MANIFEST}, {BACKUP_DIR}/ and the directories bootlink created",
@@ -691,6 +818,7 @@ def plan_uninstall(target: Target) -> Planner:
 
 def _plan_initrd_restore(planner: Planner, path: str, entry: dict) -> None:
     backup = entry.get("backup")
+    planner.writes |= {path, backup} if backup else {path}
     title = f"restore {path} from {backup}" if backup else f"remove {path} (bootlink created it)"
 
     def apply() -> None:
@@ -757,6 +885,8 @@ def run_setup(args) -> int:
                 "to start until you run this again with --ramdisk DIR (bootlink ramdisk build)"
             )
     actions = planner.actions
+    if actions and not args.dry_run:
+        planner.check_writable()
     label = f" in {target.root}" if not target.live else ""
     if not actions:
         print(
@@ -783,15 +913,33 @@ def run_setup(args) -> int:
                     print("    skipped")
                     continue
                 apply_all = answer == "a"
-            action.apply()
+            try:
+                action.apply()
+            except OSError as exc:
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise BootlinkError(
+                    f"'{action.title}' failed: {exc.strerror or exc}{where}; the {applied} "
+                    "change(s) before it are applied and recorded: fix that and run "
+                    "setup-server-os again (or --uninstall to undo them)"
+                ) from None
             applied += 1
-    finally:
-        if not args.dry_run:
-            planner.save_manifest()
+    except BaseException:
+        if not args.dry_run:  # record what was done, so --uninstall can undo it
+            with contextlib.suppress(OSError):
+                planner.save_manifest()
+        raise
     if args.dry_run:
         print("\ndry run: nothing was changed")
-    else:
-        print(f"\n{applied} of {len(actions)} change(s) applied{label}")
-        if not args.uninstall and target.live and applied:
-            print(f"start it now with: systemctl daemon-reload && systemctl start {UNIT}")
+        return 0
+    try:
+        planner.save_manifest()
+    except OSError as exc:
+        raise BootlinkError(
+            f"cannot write {MANIFEST}{label}: {exc.strerror or exc}; {applied} change(s) "
+            "were applied but not recorded, so --uninstall cannot undo them: fix that and "
+            "run setup-server-os again"
+        ) from None
+    print(f"\n{applied} of {len(actions)} change(s) applied{label}")
+    if not args.uninstall and target.live and applied:
+        print(f"start it now with: systemctl daemon-reload && systemctl start {UNIT}")
     return 0

@@ -235,6 +235,187 @@ def test_refusals_name_the_fix_and_write_nothing(tmp_path, laptop, capsys):
     assert tree_digest(root) == without
 
 
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"garbage{", "Expecting value"),
+        (b'{"files": []}', "no 'files' object"),
+        (b"[]", "no 'files' object"),
+        (b'{"format": 1}', "no 'files' object"),
+        (b'{"files": {"vmlinuz": 5}}', "no sha256 for 'vmlinuz'"),
+        (b'{"files": {"vmlinuz": {"size": 1}}}', "no sha256 for 'vmlinuz'"),
+        (b"\x80{", "invalid start byte"),
+    ],
+)
+def test_bad_ramdisk_manifest_is_one_line_and_changes_nothing(
+    tmp_path, laptop, capsys, content, why
+):
+    cfg, rd = laptop
+    (rd / "manifest.json").write_bytes(content)
+    root = fake_os(tmp_path / "root")
+    before = tree_map(root)
+    for extra in ((), ("--no-initrd",), ("--dry-run",)):
+        assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--yes", *extra) == 2
+        line = one_error_line(capsys)
+        assert f"{rd}/manifest.json is not a bootlink ramdisk manifest (" in line, line
+        assert why in line and f"rebuild with 'bootlink ramdisk build --output {rd}'" in line
+        assert tree_map(root) == before
+
+
+def test_a_good_ramdisk_manifest_is_checked(tmp_path, laptop, capsys):
+    cfg, rd = laptop
+    files = {n: {"sha256": setup_os.sha256((rd / n).read_bytes())} for n in ("vmlinuz",)}
+    (rd / "manifest.json").write_text(json.dumps({"files": files}))
+    root = fake_os(tmp_path / "root")
+    assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--dry-run") == 0
+    (rd / "vmlinuz").write_bytes(b"changed")
+    assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--dry-run") == 2
+    assert "does not match" in one_error_line(capsys)
+
+
+def _make_dir(p: Path) -> None:
+    if p.exists():
+        p.unlink()
+    p.mkdir(parents=True)
+    (p / "inside").write_text("keep me\n")
+
+
+def _make_fifo(p: Path) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(p)
+
+
+def _make_file(p: Path) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("a file where a directory goes\n")
+
+
+@pytest.mark.parametrize(
+    ("where", "make", "needle"),
+    [
+        (setup_os.CONFIG_PATH, _make_dir, "is a directory, not a file"),
+        (setup_os.KEY_PATH, _make_dir, "is a directory, not a file"),
+        (setup_os.UNIT_PATH, _make_fifo, "is a FIFO, not a file"),
+        (setup_os.WANTS_PATH, _make_dir, "is a directory, not a file"),
+        ("/etc/initramfs-tools/scripts", _make_file, "is not a directory but"),
+        ("/var/lib/bootlink", _make_file, "is not a directory but"),
+        (setup_os.BACKUP_DIR + setup_os.CONFIG_PATH, _make_dir, "is a directory, not a file"),
+    ],
+)
+def test_something_in_the_way_is_refused_before_any_change(
+    tmp_path, laptop, capsys, where, make, needle
+):
+    cfg, rd = laptop
+    root = fake_os(tmp_path / "root")
+    make(root / where.lstrip("/"))
+    before = tree_map(root)
+    for extra in ((), ("--dry-run",)):
+        args = ("--config", str(cfg), "--ramdisk", str(rd), "--yes", "--no-initrd", *extra)
+        assert setup(root, *args) == 2
+        line = one_error_line(capsys)
+        assert str(root) in line and needle in line, line
+        assert "move it out of the way" in line and "nothing was changed" in line
+        assert tree_map(root) == before
+    assert not (root / setup_os.MANIFEST.lstrip("/")).exists()
+
+
+def test_uninstall_refuses_a_directory_where_its_file_was(tmp_path, laptop, capsys):
+    cfg, rd = laptop
+    root = fake_os(tmp_path / "root")
+    assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--yes", "--no-initrd") == 0
+    _make_dir(root / setup_os.UNIT_PATH.lstrip("/"))
+    before = tree_map(root)
+    assert setup(root, "--uninstall", "--yes") == 2
+    line = one_error_line(capsys)
+    assert "is a directory, not a file" in line and "nothing was changed" in line, line
+    assert tree_map(root) == before
+
+
+def test_unreadable_install_manifest_is_one_line(tmp_path, capsys):
+    root = fake_os(tmp_path / "root")
+    m = root / setup_os.MANIFEST.lstrip("/")
+    m.parent.mkdir(parents=True)
+    for content in (b'{"files": []}', b"[1]", b'{"files": {"/x": 1}}', b"nope"):
+        m.write_bytes(content)
+        before = tree_map(root)
+        assert setup(root, "--uninstall", "--yes") == 2
+        line = one_error_line(capsys)
+        assert f"{m} is unreadable (" in line and "restore it or remove it" in line, line
+        assert tree_map(root) == before
+
+
+@needs_root
+def test_read_only_root_is_refused_before_any_change(tmp_path, laptop, capsys):
+    from smallfs import mounted_tmpfs
+
+    cfg, rd = laptop
+    with mounted_tmpfs(tmp_path / "ro", size="4m") as mnt:
+        root = fake_os(mnt)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        before = tree_map(root)
+        for extra in (("--no-initrd",), ()):
+            args = ("--config", str(cfg), "--ramdisk", str(rd), "--yes", *extra)
+            assert setup(root, *args) == 2
+            line = one_error_line(capsys)
+            assert f"is on a read-only filesystem ({mnt})" in line, line
+            assert f"mount -o remount,rw {mnt}" in line and "nothing was changed" in line
+            assert tree_map(root) == before
+        # a dry run writes nothing, so it still works
+        assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--dry-run") == 0
+        capsys.readouterr()
+        # installed, then the root goes read-only: --uninstall refuses the same way
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--yes", "--no-initrd") == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        installed = tree_map(root)
+        capsys.readouterr()
+        assert setup(root, "--uninstall", "--yes") == 2
+        line = one_error_line(capsys)
+        assert "read-only filesystem" in line and "nothing was changed" in line, line
+        assert tree_map(root) == installed
+        # an up-to-date install on a read-only root has nothing to write: not an error
+        assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--yes", "--no-initrd") == 0
+        assert "nothing to change" in capsys.readouterr().out
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        assert setup(root, "--uninstall", "--yes") == 0
+        assert tree_map(root) == before
+
+
+def test_write_failure_mid_way_is_one_line_and_recorded(tmp_path, laptop, capsys, monkeypatch):
+    """A write that fails after the up-front checks (a disk error, a full disk): one line,
+    the original file untouched, no temporary file, and what was done recorded."""
+    cfg, rd = laptop
+    root = fake_os(tmp_path / "root")
+    pristine = tree_map(root)
+    real_write = os.write
+
+    def failing_write(fd, data):
+        if bytes(data[:13]) == b"# bootlink co":  # the installed config
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(setup_os.os, "write", failing_write)
+    assert setup(root, "--config", str(cfg), "--ramdisk", str(rd), "--yes", "--no-initrd") == 2
+    line = one_error_line(capsys)
+    assert f"'replace {setup_os.CONFIG_PATH}: bootlink config' failed" in line, line
+    assert "No space left on device" in line and "--uninstall" in line
+    assert (root / "etc/bootlink/config.yaml").read_text() == "# my old config\n"
+    assert not list(root.rglob("*.bootlink-tmp"))
+    assert (
+        setup_os.KEY_PATH in json.loads((root / setup_os.MANIFEST.lstrip("/")).read_text())["files"]
+    )
+    monkeypatch.undo()
+    assert setup(root, "--uninstall", "--yes") == 0
+    assert tree_map(root) == pristine
+
+
 # --- real Debian roots (slow: the generator runs) ------------------------------------------
 
 
