@@ -61,10 +61,13 @@ def fetch_boot_payload(
             ) from None
         if resp.status != 200:
             reason = resp.read(200).decode(errors="replace").strip()
-            raise ProtocolError(
-                f"server refused the boot request ({resp.status} {reason}): the keys differ "
-                "or the request was stale; retry, and check both machines use the same key"
+            hint = (
+                "the laptop cannot serve for the reason it gives; fix that there and retry"
+                if resp.status == 503
+                else "the keys differ or the request was stale; retry, and check both machines "
+                "use the same key"
             )
+            raise ProtocolError(f"server refused the boot request ({resp.status} {reason}): {hint}")
         return _receive(resp, wire.session_key(k_xfer, challenge, nonce), dest, progress)
     finally:
         conn.close()

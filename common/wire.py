@@ -455,6 +455,8 @@ def _json_obj(data: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"{what} is not valid JSON") from None
+    except RecursionError:  # only a key holder can seal it, but it must not crash anyone
+        raise ProtocolError(f"{what} is malformed: JSON nested too deeply") from None
     _need(isinstance(obj, dict), f"{what} is not a JSON object")
     return obj
 

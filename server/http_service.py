@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ from .payload import Offer
 log = logging.getLogger("bootlink.server.http")
 
 BOOT_PATH = "/v1/boot"
+REASON_MAX = 180  # characters of a 503 reason (clients read 200 bytes of it)
 
 
 @dataclass
@@ -71,7 +73,12 @@ class _Handler(BaseHTTPRequestHandler):
             length = -1
         if not 0 < length <= wire.MAX_JSON:
             return self._refuse(400, "bad Content-Length")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError as exc:  # reset, or silent for `timeout` seconds: the cable is gone
+            return self._dropped(f"request abandoned ({exc.strerror or exc})")
+        if len(body) < length:
+            return self._dropped(f"disconnected mid-request ({len(body)} of {length} bytes)")
         try:
             challenge, nonce = wire.decode_boot_request(self.service.k_xfer, body)
             self.service.challenges.redeem(challenge)
@@ -84,13 +91,15 @@ class _Handler(BaseHTTPRequestHandler):
             offer = self.service.offer()
         except BootlinkError as exc:
             log.error("cannot serve %s: %s", host, exc)
-            return self._refuse(503, "server not ready")
+            # the client proved the key: tell it why (the message names paths and the fix,
+            # never key material), so that it does not suspect the key
+            return self._refuse(503, f"server not ready: {_one_line(str(exc))}")
         head = self.service.head(challenge, nonce, offer)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(head) + offer.payload.length))
-        self.end_headers()
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(head) + offer.payload.length))
+            self.end_headers()
             self.wfile.write(head)
             self.connection.sendfile(offer.payload.frames, 0, offer.payload.length)
         except OSError as exc:  # cable pulled, client gone: it will ask again
@@ -101,17 +110,39 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse(self, code: int, text: str) -> None:
         data = text.encode() + b"\n"
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError as exc:  # the peer is gone: nobody to tell
+            self._dropped(f"gone before the {code} answer ({exc.strerror or exc})")
+
+    def _dropped(self, what: str) -> None:
+        """A peer that went away (cable pulled, client killed): one line, no answer."""
+        log.warning("client %s %s", self.client_address[0], what)
+        self.close_connection = True
+
+
+def _one_line(text: str, limit: int = REASON_MAX) -> str:
+    """`text` as one short line, fit for the refusal's body."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that breaks is one log line; anything else is a bug: traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.warning("connection from %s dropped: %s", client_address[0], exc.strerror or exc)
+            return
+        super().handle_error(request, client_address)
 
 
 def make_http_server(service: BootService, port: int) -> ThreadingHTTPServer:

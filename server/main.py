@@ -71,12 +71,13 @@ class LinkSet:
 class Server:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        key = load_key_file(cfg.key_path)
-        log.info("key id %s", key.key_id())
         if not cfg.server.disk:
             raise BootlinkError(f"{cfg.source}: server.disk is empty: name the disk to export")
         self.disk = Path(cfg.server.disk)
-        check_exportable(self.disk, cfg.server.read_only)
+        # before anything else: a wrong disk is refused at start-up, not at the first request
+        self.disk_size = check_exportable(self.disk, cfg.server.read_only)
+        key = load_key_file(cfg.key_path)
+        log.info("key id %s", key.key_id())
         boot = cfg.server.boot
         self.files = BootFiles(Path(boot.kernel), Path(boot.initrd))
         # a ramdisk has no hostname ("(none)"): name the server by what it serves
@@ -163,9 +164,10 @@ class Server:
         start_power_watch(self._stop)  # battery warnings, lid ignored (no-op without battery)
         nics = ", ".join(n.name for n in self.links.nics.values()) or "none yet"
         log.info(
-            "serving %s (%s) on %s: discovery udp/%d, http tcp/%d, nbd tcp/%d",
+            "serving %s (%s, %.1f MiB) on %s: discovery udp/%d, http tcp/%d, nbd tcp/%d",
             self.disk,
             "read-only" if self.cfg.server.read_only else "read-write",
+            self.disk_size / 2**20,
             nics,
             self.cfg.link.discovery_port,
             self.cfg.link.http_port,

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -28,6 +30,7 @@ from bootlink.common import process
 from bootlink.common.errors import BootlinkError
 
 from .mounts import mounts_of
+from .payload import disk_facts, disk_kind
 
 log = logging.getLogger("bootlink.server.nbd")
 
@@ -35,10 +38,11 @@ KEEPIDLE, KEEPINTVL, KEEPCNT = 10, 5, 3  # a dead peer is dropped after ~25 s of
 USER_TIMEOUT_MS = 30_000  # unacknowledged data for 30 s: the cable is gone
 
 
-def check_exportable(disk: Path, read_only: bool) -> None:
-    """Refuse to export a disk this machine has mounted in a way that would corrupt it."""
-    if not disk.exists():
-        raise BootlinkError(f"disk {disk} does not exist: fix server.disk in the config")
+def check_exportable(disk: Path, read_only: bool) -> int:
+    """Refuse a server.disk that is no disk (missing, a directory, a character device,
+    empty, unreadable, not writable for a read-write export) or that this machine has
+    mounted in a way that would corrupt it. Returns the disk's size in bytes."""
+    disk_kind(disk)  # a missing disk or a directory is named as such, not as "mounted"
     mounted = mounts_of(disk)
     rw = [m for m in mounted if m.read_write]
     if rw:
@@ -51,6 +55,36 @@ def check_exportable(disk: Path, read_only: bool) -> None:
             f"{disk} is mounted here ({mounted[0].mountpoint}): set server.read_only: true "
             "or unmount it before exporting it read-write"
         )
+    size, _first = disk_facts(disk)  # opened and read only once it is known not mounted
+    if not read_only:
+        why = _not_writable(disk)
+        if why:
+            raise BootlinkError(
+                f"server.disk {disk} is not writable ({why}): set server.read_only: true, "
+                "or fix its permissions"
+            )
+    return size
+
+
+def _not_writable(disk: Path) -> str | None:
+    """Why nbdkit could not open `disk` for writing, if we can tell without opening it
+    so (opening a disk for writing makes udev re-read its partitions when it is closed)."""
+    if not os.access(disk, os.W_OK):
+        return "read-only filesystem" if _on_read_only_fs(disk) else "permission denied"
+    st = os.stat(disk)
+    if stat.S_ISBLK(st.st_mode):
+        ro = Path(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/ro")
+        with contextlib.suppress(OSError):
+            if ro.read_text().strip() == "1":
+                return "the block device is read-only"
+    return None
+
+
+def _on_read_only_fs(disk: Path) -> bool:
+    try:
+        return bool(os.statvfs(disk).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def listen_socket(addr: str, port: int, ifindex: int) -> socket.socket:

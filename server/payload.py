@@ -3,9 +3,11 @@ the facts about the exported disk that let a client prove it reaches the right o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -168,21 +170,68 @@ class Offer:
     payload: SealedPayload
 
 
-def disk_facts(disk: Path) -> tuple[int, str]:
-    """(size in bytes, SHA-256 of the first sector) of a block device or image file."""
+DISK_HINT = "name the laptop's disk (a block device such as /dev/nvme0n1) or a disk image file"
+_NOT_A_DISK = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device, not a disk",
+    stat.S_IFIFO: "a FIFO, not a disk",
+    stat.S_IFSOCK: "a socket, not a disk",
+}
+
+
+def disk_kind(disk: Path) -> int:
+    """The file type (stat.S_IFBLK or S_IFREG) of server.disk; anything else, or nothing,
+    raises a one-line BootlinkError naming the fix. Opens nothing (a FIFO would block)."""
     try:
-        fd = os.open(disk, os.O_RDONLY)
+        st = os.stat(disk)
+    except FileNotFoundError:
+        raise BootlinkError(
+            f"server.disk {disk} does not exist: fix server.disk in the config; {DISK_HINT}"
+        ) from None
     except OSError as exc:
         raise BootlinkError(
-            f"disk {disk} cannot be opened ({exc.strerror}): fix server.disk in the config"
+            f"server.disk {disk} cannot be examined ({exc.strerror}): fix server.disk in the "
+            f"config; {DISK_HINT}"
         ) from None
+    kind = stat.S_IFMT(st.st_mode)
+    if kind not in (stat.S_IFBLK, stat.S_IFREG):
+        what = _NOT_A_DISK.get(kind, "not a disk")
+        raise BootlinkError(f"server.disk {disk} is {what}: {DISK_HINT}")
+    return kind
+
+
+def disk_facts(disk: Path) -> tuple[int, str]:
+    """(size in bytes, SHA-256 of the first sector) of a block device or image file.
+
+    Checked when the server starts and again for every request (a disk can vanish while
+    the server runs): anything that is not a readable, non-empty block device or regular
+    file raises a one-line BootlinkError naming the problem and the fix.
+    """
+    kind = disk_kind(disk)
+    try:
+        fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            fix = "check the disk (dmesg), or fix server.disk in the config"
+        elif os.geteuid() != 0:
+            fix = "run the server as root or fix its permissions"
+        else:  # root denied: a container's device policy, or a security module
+            fix = "run the server where the disk may be opened (not in a confined container)"
+        why = f"server.disk {disk} cannot be opened ({exc.strerror})"
+        raise BootlinkError(f"{why}: {fix}") from None
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         first = os.pread(fd, SECTOR, 0)
+    except OSError as exc:
+        raise BootlinkError(
+            f"server.disk {disk} cannot be read ({exc.strerror}): check the disk (dmesg), "
+            "or name another in server.disk"
+        ) from None
     finally:
         os.close(fd)
     if size == 0:
-        raise BootlinkError(f"disk {disk} is empty: server.disk must name the laptop's disk")
+        what = "a block device of 0 bytes (no medium?)" if kind == stat.S_IFBLK else "empty"
+        raise BootlinkError(f"server.disk {disk} is {what}: {DISK_HINT}")
     return size, hashlib.sha256(first).hexdigest()
 
 
