@@ -431,7 +431,8 @@ class FrameReader:
                 k = 0
             if not k:
                 raise ProtocolError(
-                    f"stream truncated in {what} after frame {self.counter} (link lost?)"
+                    f"stream truncated in {what} after frame {self.counter}: the link dropped "
+                    "(cable pulled, laptop gone or asleep); check the cable and retry"
                 )
             got += k
         return view
