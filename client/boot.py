@@ -168,13 +168,25 @@ def _append_cmdline(image: BootImage, words: str) -> BootImage:
     return dataclasses.replace(image, cmdline=f"{image.cmdline} {words.strip()}".strip())
 
 
-def _interrupt(signum, _frame):
-    # SIGTERM must unwind like Ctrl-C so probe namespaces are removed and NICs come back
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM and SIGINT unwind like Ctrl-C, so probe namespaces are removed and NICs
+    come back; but only the first one raises: from then on both are ignored. A second
+    KeyboardInterrupt would land in that very cleanup (e.g. while the probe waits for its
+    threads to move the NICs home) and cut it short: the process would exit with NICs
+    still in probe namespaces, which destroys a veth and strands a physical NIC. Repeats
+    are common, not exotic: timeout(1) signals the child and then its whole process
+    group (two SIGTERMs), and people press Ctrl-C twice. The cleanup is bounded
+    (Probe.close), so ignoring them cannot hang the client; SIG_IGN rather than a flag
+    so that one arriving as the interpreter exits (it restores SIG_DFL for Python
+    handlers, not for SIG_IGN) cannot kill it with another exit status either."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     image = choose_image(cfg, progress=not as_json)
     if dry_run:
         check_digests(image)  # what kexec would check on the files it loads

@@ -16,6 +16,7 @@ a NIC on a dead cable waits its turn behind the live ones instead of delaying th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -33,6 +34,11 @@ from bootlink.common.errors import BootlinkError, ProtocolError
 log = logging.getLogger("bootlink.client.probe")
 
 PROBE_INTERVAL = 0.25  # resend period: a lost first packet costs 250 ms, not a second
+# How long close() waits for cancelled probe threads to bring their NICs home. A thread
+# notices the cancel within PROBE_INTERVAL and moving back costs tens of milliseconds
+# per NIC; the bound only matters if the kernel hangs, and keeps an interrupt from
+# hanging the client (later interrupts are ignored while it waits: client/boot.py).
+CLOSE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,8 @@ class Probe:
     `run()` returns as soon as a server has proved itself and the winning NIC is back in
     our namespace; the other NICs return home in the background (each move costs tens of
     milliseconds), overlapping the download. Leaving the `with` block waits for them and
-    restores everything, whatever happened.
+    restores everything, whatever happened (also a KeyboardInterrupt landing in close()
+    itself, and as a last resort at interpreter exit: see run() and close()).
     """
 
     def __init__(self, nics: list[net.Nic], params: ProbeParams) -> None:
@@ -77,6 +84,7 @@ class Probe:
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)  # NICs come back here
         self._results: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
+        self._active = _Active(self._cancel)
         self._threads: list[threading.Thread] = []
         self._order: MoveOrder | None = None
 
@@ -88,21 +96,15 @@ class Probe:
 
     def run(self) -> Found:
         start = time.monotonic()
+        # Before any NIC moves: should an interrupt land before close() can catch it
+        # (on the way into __exit__), interpreter exit still runs close(), while the
+        # daemon probe threads are still alive to bring their NICs home.
+        atexit.register(self.close)
         self._order = MoveOrder(self.nics, self._cancel)
+        self._order.show_carrier()
         self._threads = [
             threading.Thread(
-                target=_probe_one,
-                args=(
-                    nic,
-                    self.params,
-                    self._home,
-                    self._cancel,
-                    self._results,
-                    start,
-                    self._order,
-                ),
-                name=f"probe-{nic.name}",
-                daemon=True,
+                target=self._probe_thread, args=(nic, start), name=f"probe-{nic.name}", daemon=True
             )
             for nic in self.nics
         ]
@@ -140,15 +142,92 @@ class Probe:
             "laptop runs 'bootlink server', and that both hold the same key"
         )
 
+    def _probe_thread(self, nic: net.Nic, start: float) -> None:
+        if not self._active.enter(nic.name):
+            self._results.put(("failed", ""))  # cancelled before it began: NIC untouched
+            return
+        try:
+            _probe_one(
+                nic, self.params, self._home, self._cancel, self._results, start, self._order
+            )
+        finally:
+            self._active.leave(nic.name)
+
     def close(self) -> None:
-        self._cancel.set()
-        for t in self._threads:
-            t.join()
+        """Stop the probe threads, wait (bounded) for each to move its NIC home, restore
+        NICs that never left. Idempotent.
+
+        The interrupt that unwinds us may land right here, while we wait (SIGTERM
+        during the download, when the losing NICs are still on their way back): we
+        finish waiting, then let it go on. Returning early would let the process exit
+        with a NIC inside a probe namespace, which dies with it (a veth is destroyed, a
+        physical NIC lands in the root namespace)."""
+        try:
+            self._wait_and_release()
+        except KeyboardInterrupt:
+            self._wait_and_release()
+            raise
+
+    def _wait_and_release(self) -> None:
+        stragglers = self._active.stop_and_wait(CLOSE_TIMEOUT)
+        if stragglers:
+            log.error(
+                "probe on %s did not stop within %g s: its NIC may not be back",
+                ", ".join(stragglers),
+                CLOSE_TIMEOUT,
+            )
+            return  # they still need self._home and the move order
+        self._release()
+
+    def _release(self) -> None:
+        """Every probe thread is done: restore and free what they shared. Idempotent."""
+        atexit.unregister(self.close)
         if self._order is not None:
             self._order.close()
         if self._home >= 0:
             os.close(self._home)
             self._home = -1
+
+
+class _Active:
+    """The probe threads that may hold a NIC outside our namespace, as they register
+    themselves, so that close() can wait for every NIC to come home.
+
+    Not Thread.join()/is_alive(): in CPython 3.11 a KeyboardInterrupt that interrupts
+    join() marks the still-running thread as stopped (cpython#90882), so waiting again
+    after the interrupt returns at once and the process exits with the NIC in its
+    probe namespace. And a thread is registered or never touches its NIC, whatever
+    moment an interrupt cuts run() short (even between starting two threads).
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+        self._names: list[str] = []
+        self._cond = threading.Condition()
+
+    def enter(self, name: str) -> bool:
+        """Register the calling thread before it touches its NIC; False once cancelled:
+        it must then leave the NIC alone, since nobody would wait for it."""
+        with self._cond:
+            if self._cancel.is_set():
+                return False
+            self._names.append(name)
+            return True
+
+    def leave(self, name: str) -> None:
+        """The thread is done with its NIC (home, or gone)."""
+        with self._cond:
+            self._names.remove(name)
+            self._cond.notify_all()
+
+    def stop_and_wait(self, timeout: float) -> list[str]:
+        """Cancel, then wait until every registered thread has left or `timeout` passed;
+        the names of those still out."""
+        until = time.monotonic() + timeout
+        with self._cond:
+            self._cancel.set()  # under the lock: enter() sees it or is waited for
+            self._cond.wait_for(lambda: not self._names, max(0.0, until - time.monotonic()))
+            return list(self._names)
 
 
 def reclaim_stale_probes() -> None:
@@ -191,6 +270,7 @@ class MoveOrder:
 
     def __init__(self, nics: list[net.Nic], cancel: threading.Event) -> None:
         self._ipr = IPRoute()  # in our own namespace; used under self._cond only
+        self._nics = list(nics)
         self._pending = list(nics)
         self._restore: list[net.Nic] = []
         self._cancel = cancel
@@ -198,13 +278,19 @@ class MoveOrder:
         self._turn: int | None = None
         self._hold_until = 0.0
         self._next_look = 0.0  # carrier is looked up at most every POLL seconds
-        for nic in nics:
-            if not nic.up:
-                # up with IPv6 off: carrier becomes visible, nothing is sent from here
-                with contextlib.suppress(BootlinkError, Exception):
-                    net.set_sysctl(nic.name, "disable_ipv6", "1")
-                    self._ipr.link("set", index=nic.index, state="up")
+        self._closed = False
+
+    def show_carrier(self) -> None:
+        """Bring the NICs that are down up with IPv6 off: carrier becomes visible,
+        nothing is sent from here. Each is listed for close() before it is touched,
+        so an interrupt half-way through still puts it back (down, IPv6 on)."""
+        with self._cond:
+            for nic in self._nics:
+                if not nic.up:
                     self._restore.append(nic)
+                    with contextlib.suppress(BootlinkError, Exception):
+                        net.set_sysctl(nic.name, "disable_ipv6", "1")
+                        self._ipr.link("set", index=nic.index, state="up")
 
     def _next(self) -> None:
         """Pick whose turn it is (called with the lock held and no turn outstanding)."""
@@ -252,13 +338,17 @@ class MoveOrder:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Put NICs that never left our namespace back as they were (down, IPv6 on)."""
+        """Put NICs that never left our namespace back as they were (down, IPv6 on).
+        Idempotent."""
         with self._cond:
+            if self._closed:
+                return
             for nic in self._restore:
                 with contextlib.suppress(Exception):
                     self._ipr.link("set", index=nic.index, state="down")
                 with contextlib.suppress(BootlinkError, OSError):
                     net.set_sysctl(nic.name, "disable_ipv6", "0")
+            self._closed = True  # only now: a close() cut short is done again in full
             self._ipr.close()
 
 

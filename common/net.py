@@ -212,7 +212,10 @@ def private_netns(name: str) -> Iterator[int]:
     Yields an fd of the namespace the thread came from. On exit the thread goes back and
     the name is removed; the namespace dies with its last reference, so callers must move
     their NICs home before leaving (a physical NIC would otherwise land in the root
-    namespace, a veth would be destroyed).
+    namespace, a veth would be destroyed). Meant for worker threads (client/probe.py):
+    a KeyboardInterrupt is only ever raised in the main thread, so none can land between
+    unshare, attach and the move home; what the main thread must do instead is wait for
+    the workers before the process exits (Probe.close).
     """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -412,3 +413,59 @@ def test_replugged_laptop_nic_gets_its_nbd_export_back(lab, payload, tmp_path):
     read = desk.run([sys.executable, "-c", NBD_READ, uri], text=False)
     assert read.returncode == 0, read.stderr
     assert read.stdout == (payload / "disk.img").read_bytes()
+
+
+# (delay after "probing", signals sent SIGNAL_GAP apart): timeout(1) signals the child
+# and then its process group, so two SIGTERMs are common; SIGINT is Ctrl-C (pressed
+# twice by the impatient). A second signal that lands in the cleanup of the first is
+# what used to lose NICs; sent back to back, the two usually merge into one.
+INTERRUPTS = [
+    (0.0, ("SIGTERM", "SIGTERM")),
+    (0.05, ("SIGTERM",)),
+    (0.1, ("SIGTERM", "SIGTERM")),
+    (0.2, ("SIGINT", "SIGINT")),
+    (0.35, ("SIGTERM", "SIGTERM")),
+    (0.5, ("SIGTERM",)),
+    (0.75, ("SIGTERM", "SIGTERM")),
+    (1.0, ("SIGINT",)),
+    (1.5, ("SIGTERM", "SIGTERM")),
+]
+SIGNAL_GAP = 0.03
+
+
+def test_interrupt_at_any_moment_of_the_probe_loses_no_nic(lab, payload, tmp_path):
+    """SIGTERM/SIGINT (once or twice) anywhere in the probe: before the NICs move, while
+    they sit in probe namespaces (one with carrier and nobody answering, one dead and
+    held back by MoveOrder), while they come home. Each time both NICs are back in the
+    desktop's namespace with both veth ends alive, no probe namespace is left, and the
+    client ends with the one-line "interrupted"."""
+    generate_key_file(tmp_path / "key")
+    desk, other = lab.host("desk"), lab.host("other")
+    lab.cable(desk, "eth0", other, "peer0")  # carrier, but no server answers
+    lab.cable(desk, "eth1", None)  # dead cable: its turn comes after MoveOrder.HOLD
+    void = lab.hosts[-1]
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "key", payload, [], timeout=5)
+    for delay, signals in INTERRUPTS:
+        log = tmp_path / f"client-{delay}.log"
+        with open(log, "wb") as err:
+            proc = desk.popen(
+                [*BOOTLINK, "client", "--config", str(cfg), "--dry-run"],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        lab.procs.append(proc)
+        wait_for_log(log, "probing eth0, eth1", proc)
+        time.sleep(delay)
+        for i, name in enumerate(signals):
+            time.sleep(SIGNAL_GAP if i else 0)
+            proc.send_signal(getattr(signal, name))
+        proc.wait(timeout=15)
+        what = f"{'+'.join(signals)} {delay} s into the probe"
+        text = log.read_text()
+        assert "Traceback" not in text, f"{what}:\n{text}"
+        assert text.splitlines()[-1].endswith("bootlink: interrupted"), f"{what}:\n{text}"
+        assert proc.returncode == 130, f"{what}:\n{text}"
+        for host, nic in ((desk, "eth0"), (desk, "eth1"), (other, "peer0"), (void, "peer")):
+            shown = host.run(["ip", "link", "show", nic])
+            assert shown.returncode == 0, f"{what}: {nic} gone from {host.ns}\n{text}"
+        assert probe_namespaces(proc.pid) == [], what
