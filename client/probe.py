@@ -39,6 +39,7 @@ PROBE_INTERVAL = 0.25  # resend period: a lost first packet costs 250 ms, not a 
 # per NIC; the bound only matters if the kernel hangs, and keeps an interrupt from
 # hanging the client (later interrupts are ignored while it waits: client/boot.py).
 CLOSE_TIMEOUT = 10.0
+REPORT_GRACE = 0.5  # seconds past the deadline to collect the probes' reasons
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ class Probe:
         winner: Found | None = None
         while pending and winner is None:
             try:
-                timeout = max(0.0, self.params.deadline - time.monotonic())
+                # the threads stop at the deadline themselves; a moment more lets each
+                # say why (e.g. a server that answered with another key)
+                timeout = max(0.0, self.params.deadline + REPORT_GRACE - time.monotonic())
                 kind, value = self._results.get(timeout=timeout)
             except queue.Empty:
                 break
@@ -420,10 +423,16 @@ def _probe_inside(nic, params: ProbeParams, cancel, start) -> Found | None:
 def _exchange(sock, nic, params: ProbeParams, cancel, start) -> Found | None:
     target = ("ff02::1", params.port, 0, nic.index)
     nonces: set[bytes] = set()
+    foreign: set[str] = set()  # who answered our nonces under another key
     next_send = 0.0
     while not cancel.is_set():
         now = time.monotonic()
         if now >= params.deadline:
+            if foreign:
+                raise net.LinkError(
+                    f"{', '.join(sorted(foreign))} answered with another key: copy the same "
+                    "key file to both machines (their logs show its key id)"
+                )
             return None
         if now >= next_send:
             nonce = wire.new_nonce()  # fresh per send: a recorded answer binds a stale one
@@ -439,7 +448,7 @@ def _exchange(sock, nic, params: ProbeParams, cancel, start) -> Found | None:
         if len(data) > 4 and data[4] == wire.T_TRIGGER_OFFER:
             _answer_trigger_offer(sock, data, src, nonces, params, nic.name)
             continue
-        offer = _check_answer(data, src, nonces, params.k_disc, nic.name)
+        offer = _check_answer(data, src, nonces, params.k_disc, nic.name, foreign)
         if offer is not None:
             return Found(nic, src[0].split("%", 1)[0], offer, time.monotonic() - start)
     return None
@@ -472,7 +481,7 @@ def _answer_trigger_offer(sock, data, src, nonces, params: ProbeParams, ifname: 
     )
 
 
-def _check_answer(data, src, nonces, k_disc, ifname) -> wire.ServerOffer | None:
+def _check_answer(data, src, nonces, k_disc, ifname, foreign: set[str]) -> wire.ServerOffer | None:
     if len(data) < 5 + wire.NONCE_SIZE:
         log.info("%s: ignoring short datagram from %s", ifname, src[0])
         return None
@@ -484,4 +493,5 @@ def _check_answer(data, src, nonces, k_disc, ifname) -> wire.ServerOffer | None:
         return wire.decode_answer(k_disc, nonce, data)
     except ProtocolError as exc:
         log.info("%s: ignoring answer from %s: %s", ifname, src[0], exc)
+        foreign.add(src[0].split("%", 1)[0])  # bound to our nonce: a server, not noise
         return None

@@ -222,6 +222,8 @@ def test_wrong_key_finds_no_server_and_cleans_up(lab, payload, tmp_path):
     assert out.stdout == ""
     (line,) = [ln for ln in out.stderr.splitlines() if "error:" in ln]
     assert "no bootlink server answered" in line and "same key" in line
+    # the server did answer: the line says so, and who (its link-local address)
+    assert "eth0: fe80::" in line and "answered with another key: copy the same key" in line
     assert not (payload / "download" / "kernel").exists()
     assert "eth0" in desk.run(["ip", "-o", "link"]).stdout
     assert probe_namespaces(out.pid) == []
