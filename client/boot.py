@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ def _resolver_for(spec: str):
     return sources.SOURCE_KINDS[kind]
 
 
+def _made_for(spec: str, resolve) -> Callable[[str], bool]:
+    """The folders a failed source leaves for removal (the link's files clean up after
+    themselves; it makes no folders)."""
+    if resolve is resolve_link:
+        return lambda _name: False
+    from .sources.resolvers import made_for
+
+    return made_for(spec.strip())
+
+
 def choose_image(cfg: Config, progress: bool) -> BootImage:
     """Every configured source's images, then the menu (the link ranks first)."""
     workdir = Path(cfg.client.download_dir)
@@ -84,7 +95,7 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                 resolve = _resolver_for(spec)
                 make_dir(workdir)
                 spec_cfg = reach.prepare(spec.strip(), cfg)
-                with removed_on_failure(workdir):  # a failed source leaves no folders
+                with removed_on_failure(workdir, _made_for(spec, resolve)):
                     found = _resolve_patiently(resolve, spec.strip(), spec_cfg, workdir, progress)
                 if resolve is not resolve_link:  # the link puts it after its NBD words itself
                     found = [_append_cmdline(img, cfg.client.cmdline_append) for img in found]

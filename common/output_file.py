@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import BootlinkError
@@ -82,10 +82,14 @@ def make_dir(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def removed_on_failure(directory: Path) -> Iterator[None]:
-    """What appears in `directory` while the body runs is removed if the body fails (an
-    error, Ctrl-C): a failed download leaves no empty or half-filled folders behind.
-    What was there before is never touched; a directory the body created goes whole."""
+def removed_on_failure(
+    directory: Path, ours: Callable[[str], bool] = lambda _name: True
+) -> Iterator[None]:
+    """What appears in `directory` while the body runs, and `ours` claims, is removed if
+    the body fails (an error, Ctrl-C): a failed download leaves no empty or half-filled
+    folders behind. What was there before is never touched, nor what others put there
+    meanwhile (`ours`: in a shared folder such as /tmp); a directory the body created
+    goes whole."""
     directory = Path(directory)
     before = set(os.listdir(directory)) if directory.is_dir() else None
     try:
@@ -94,7 +98,7 @@ def removed_on_failure(directory: Path) -> Iterator[None]:
         if before is None:
             shutil.rmtree(directory, ignore_errors=True)
         elif directory.is_dir():
-            for name in set(os.listdir(directory)) - before:
+            for name in filter(ours, set(os.listdir(directory)) - before):
                 path = directory / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)

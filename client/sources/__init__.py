@@ -26,6 +26,7 @@ from bootlink.common.output_file import make_dir, removed_on_failure
 
 from .resolvers import (
     Resolver,
+    made_for,
     resolve_ipfs,
     resolve_iso,
     resolve_swarm,
@@ -52,7 +53,7 @@ def resolve(spec: str, cfg: Config, workdir: Path, progress: bool = True) -> lis
     if fn is None:
         known = ", ".join(sorted(SOURCE_KINDS))
         raise BootlinkError(f"source '{spec}': unknown kind '{kind}'; known kinds: {known}")
-    with removed_on_failure(workdir):
+    with removed_on_failure(workdir, made_for(spec.strip())):
         make_dir(workdir)
         return fn(spec.strip(), cfg, workdir, progress)
 

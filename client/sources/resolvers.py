@@ -63,9 +63,18 @@ def strip_kind(spec: str, kind: str) -> str:
     return rest[2:] if rest.startswith("//") else rest
 
 
+def _spec_tag(spec: str) -> str:
+    return hashlib.sha256(spec.encode()).hexdigest()[:12]
+
+
 def spec_dir(workdir: Path, spec: str, kind: str) -> Path:
-    d = workdir / f"{kind}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    return make_dir(d)
+    return make_dir(workdir / f"{kind}-{_spec_tag(spec)}")
+
+
+def made_for(spec: str) -> Callable[[str], bool]:
+    """Whether a name in the download folder is one spec_dir() makes for `spec`."""
+    tail = "-" + _spec_tag(spec)
+    return lambda name: name.endswith(tail)
 
 
 def is_allowed_unsigned(spec: str, cfg: Config) -> bool:
