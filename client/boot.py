@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,11 @@ def _made_for(spec: str, resolve) -> Callable[[str], bool]:
 
 def choose_image(cfg: Config, progress: bool) -> BootImage:
     """Every configured source's images, then the menu (the link ranks first)."""
+    if not cfg.client.sources:
+        raise BootlinkError(
+            "client.sources is empty: list at least one source, e.g. [link] (see "
+            "config-example.yaml)"
+        )
     workdir = Path(cfg.client.download_dir)
     images, errors = [], []
     with contextlib.ExitStack() as services:  # a Bee node we started, stopped before the menu
@@ -105,11 +110,6 @@ def choose_image(cfg: Config, progress: bool) -> BootImage:
                     raise  # the one source's own one-line error says it best
                 log.warning("source %s: %s", spec, exc)
                 errors.append(f"{spec}: {exc}")
-    if not cfg.client.sources:
-        raise BootlinkError(
-            "client.sources is empty: list at least one source, e.g. [link] (see "
-            "config-example.yaml)"
-        )
     if not images:
         raise BootlinkError("no source gave a bootable image (" + "; ".join(errors) + ")")
     images.sort(key=lambda img: img.provenance.source != "link")
@@ -195,9 +195,32 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _interrupts_unwind() -> Iterator[None]:
+    """_interrupt on SIGTERM and SIGINT while the body runs; the previous handlers after,
+    unless an interrupt is on its way out (repeats must stay ignored until exit)."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # on its way out: _interrupt made repeats ignored, and so they stay
+    except BaseException:
+        _restore(previous)
+        raise
+    _restore(previous)
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 def run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    with _interrupts_unwind():
+        return _run_client(cfg, dry_run, as_json)
+
+
+def _run_client(cfg: Config, dry_run: bool, as_json: bool) -> int:
     image = choose_image(cfg, progress=not as_json)
     if dry_run:
         check_digests(image)  # what kexec would check on the files it loads

@@ -65,6 +65,10 @@ class NoServerFound(BootlinkError):
     pass
 
 
+class OtherKey(BootlinkError):
+    """A server answered our probes, sealed under another key."""
+
+
 class Probe:
     """One discovery round over `nics`; a context manager that always cleans up.
 
@@ -112,6 +116,7 @@ class Probe:
         for t in self._threads:
             t.start()
         failures: list[str] = []
+        other_key: list[str] = []  # servers that answered under another key
         pending = len(self._threads)
         winner: Found | None = None
         while pending and winner is None:
@@ -124,6 +129,9 @@ class Probe:
                 break
             if kind == "found":
                 winner = value
+            elif kind == "other key":
+                pending -= 1
+                other_key.append(value)
             else:
                 pending -= 1
                 if value:
@@ -138,6 +146,11 @@ class Probe:
                 winner.elapsed,
             )
             return winner
+        if other_key:  # a server did answer: the cable and the laptop are fine
+            raise NoServerFound(
+                f"{'; '.join(other_key)}: copy the same key file to both machines (their "
+                "logs show its key id)"
+            )
         detail = f" ({'; '.join(failures)})" if failures else ""
         names = ", ".join(n.name for n in self.nics)
         raise NoServerFound(
@@ -380,6 +393,9 @@ def _probe_one(nic, params, home, cancel, results, start, order: MoveOrder) -> N
             return
         if not cancel.is_set():
             problem = f"{nic.name}: no answer"
+    except OtherKey as exc:
+        results.put(("other key", str(exc)))
+        return
     except (BootlinkError, OSError) as exc:
         problem = f"{nic.name}: {exc}"
         log.info("probe on %s stopped: %s", nic.name, exc)
@@ -429,9 +445,8 @@ def _exchange(sock, nic, params: ProbeParams, cancel, start) -> Found | None:
         now = time.monotonic()
         if now >= params.deadline:
             if foreign:
-                raise net.LinkError(
-                    f"{', '.join(sorted(foreign))} answered with another key: copy the same "
-                    "key file to both machines (their logs show its key id)"
+                raise OtherKey(
+                    f"{', '.join(sorted(foreign))} on {nic.name} answered with another key"
                 )
             return None
         if now >= next_send:
@@ -493,5 +508,6 @@ def _check_answer(data, src, nonces, k_disc, ifname, foreign: set[str]) -> wire.
         return wire.decode_answer(k_disc, nonce, data)
     except ProtocolError as exc:
         log.info("%s: ignoring answer from %s: %s", ifname, src[0], exc)
-        foreign.add(src[0].split("%", 1)[0])  # bound to our nonce: a server, not noise
+        if isinstance(exc, wire.WrongKey):  # bound to our nonce: a server, not noise
+            foreign.add(src[0].split("%", 1)[0])
         return None

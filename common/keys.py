@@ -122,9 +122,9 @@ def load_key_file(path: Path) -> SharedKey:
             f"key file {path} not found: create one with 'bootlink keygen --key {path}'"
         ) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW: a link could be swapped for another file
+        if exc.errno == errno.ELOOP and path.is_symlink():  # O_NOFOLLOW: links can be swapped
             raise KeyFileError(
-                f"key file {path} is a symbolic link: name the file itself ({path.resolve()})"
+                f"key file {path} is a symbolic link: name the file it points to instead"
             ) from None
         raise KeyFileError(f"cannot open key file {path}: {exc.strerror}") from None
     try:

@@ -110,6 +110,10 @@ def encode_answer(k_disc: bytes, client_nonce: bytes, offer: ServerOffer) -> byt
     return header + server_nonce + eax.seal(k_disc, server_nonce, body, header)
 
 
+class WrongKey(ProtocolError):
+    """A message bound to our nonce whose seal does not open under our key."""
+
+
 def decode_answer(k_disc: bytes, expected_nonce: bytes, datagram: bytes) -> ServerOffer:
     """Open an answer; it only counts if it is sealed under our key AND binds our nonce."""
     _need(len(datagram) >= 5 + 2 * NONCE_SIZE + eax.TAG_SIZE, "answer too short")
@@ -121,7 +125,7 @@ def decode_answer(k_disc: bytes, expected_nonce: bytes, datagram: bytes) -> Serv
     try:
         body = eax.open_(k_disc, server_nonce, sealed, header)
     except eax.InvalidTag:
-        raise ProtocolError("answer not sealed with our key (another key, or tampered)") from None
+        raise WrongKey("answer not sealed with our key (another key, or tampered)") from None
     obj = _json_obj(body, "answer")
     try:
         offer = ServerOffer(

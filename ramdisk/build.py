@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,12 +200,27 @@ def discard_tree(path: Path) -> None:
     removal would walk into the host's /dev."""
     if not path.exists():
         return
+    for mnt in _mounts_inside(path):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+    left = _mounts_inside(path)
+    if left:
+        raise BootlinkError(
+            f"{path} (a half-built root) still has {left[0]} mounted: unmount it "
+            f"(umount -R {path}) and remove {path}"
+        )
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _mounts_inside(path: Path) -> list[str]:
+    """Mount points below `path`, deepest first (mountinfo escapes space, tab, \\, \\n
+    as octal)."""
     inside = str(path.resolve()) + "/"
     with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f]
-    for mnt in sorted((m for m in mounts if m.startswith(inside)), reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
-    shutil.rmtree(path, ignore_errors=True)
+        points = [
+            re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            for line in f
+        ]
+    return sorted((m for m in points if m.startswith(inside)), reverse=True)
 
 
 def build_rootfs(pkgs: list[str], opts: BuildOptions, sources: tuple[Path, ...]) -> Path:
@@ -680,12 +696,12 @@ def check_inputs(opts: BuildOptions) -> None:
 def build(opts: BuildOptions) -> BuildResult:
     t_start = time.monotonic()
     steps = Steps(6 if opts.config else 5)
+    check_inputs(opts)
     out = Path(opts.output)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BootlinkError(f"cannot create {out}: {exc.strerror}; pass another --output") from None
-    check_inputs(opts)
     pkgs = packages.package_list(opts.with_kexec_tools)
     if opts.variant == "full":
         pkgs = packages.package_list(True, ["systemd-sysv"])

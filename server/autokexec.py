@@ -349,8 +349,8 @@ class RecordingExecutor:
         initrd_copy = self.path.with_name(self.path.name + ".initrd")
         # the ramdisk's initrd holds the shared key (its config layer): 0600, like the key
         fd = os.open(initrd_copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        os.fchmod(fd, 0o600)
-        with open(image.initrd, "rb") as src, open(fd, "wb") as dst:
+        with open(fd, "wb") as dst, open(image.initrd, "rb") as src:
+            os.fchmod(dst.fileno(), 0o600)  # an existing file keeps its mode otherwise
             shutil.copyfileobj(src, dst, 1 << 20)
         record = {
             "kernel": str(image.kernel),

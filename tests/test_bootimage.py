@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import pytest
@@ -57,3 +58,28 @@ def test_cmdline_append_reaches_images_from_every_source(tmp_path, monkeypatch):
         }
     )
     assert boot.choose_image(cfg, progress=False).cmdline == "boot=live console=ttyS0"
+
+
+def test_client_signal_handlers_are_restored_unless_an_interrupt_unwinds():
+    """run_client makes SIGTERM/SIGINT unwind like Ctrl-C; callers in the same process
+    get their handlers back, except after an interrupt, when repeats stay ignored so that
+    they cannot cut the NICs' way home short."""
+    import signal
+
+    from bootlink.client import boot
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for body_raises in (None, ValueError):
+        with contextlib.suppress(ValueError), boot._interrupts_unwind():
+            assert signal.getsignal(signal.SIGINT) is boot._interrupt
+            if body_raises:
+                raise body_raises
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    try:
+        with pytest.raises(KeyboardInterrupt), boot._interrupts_unwind():
+            boot._interrupt(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])

@@ -567,7 +567,7 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path):
     base = build.BuildOptions(output=tmp_path / "out", cache=tmp_path / "cache")
     build.check_inputs(base)  # this checkout, defaults: fine
     with pytest.raises(KeyFileError, match="chmod 600"):
-        build.check_inputs(dataclasses.replace(base, config=cfg))
+        build.build(dataclasses.replace(base, config=cfg))
     for bad, needle in (
         ({"zstd_level": 99}, "--zstd-level 99: pick 1"),
         ({"zstd_level": -5}, "--zstd-level -5: pick 1"),
@@ -575,14 +575,14 @@ def test_bad_build_inputs_are_refused_before_any_work(tmp_path):
         ({"source_root": tmp_path}, "name a bootlink checkout"),
     ):
         with pytest.raises(BootlinkError, match=needle):
-            build.check_inputs(dataclasses.replace(base, **bad))
+            build.build(dataclasses.replace(base, **bad))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_discard_tree_detaches_mounts_before_removing(tmp_path):
     """A killed mmdebstrap can leave /proc or /dev mounted inside the half-built root:
     removing it must not walk into them."""
-    root = tmp_path / "root.tmp"
+    root = tmp_path / "a cache" / "root.tmp"  # mountinfo writes the space as \\040
     (root / "proc").mkdir(parents=True)
     (root / "etc").mkdir()
     (root / "etc" / "x").write_text("x")

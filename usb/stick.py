@@ -14,6 +14,7 @@ with a passphrase (usb/keywrap.py) first.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -141,6 +142,8 @@ def build_stick(opts: StickOptions, dest: Path) -> image.BuiltImage:
     try:
         return _build_stick(opts, rd, cmdline, dest)
     except OSError as exc:  # a full or read-only filesystem, mid-way: the scratch is gone
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            raise  # not about where the image goes (e.g. a ramdisk file unreadable)
         raise write_failed(dest, exc, elsewhere) from None
 
 

@@ -212,4 +212,7 @@ def error_text(body: bytes) -> str:
                 return msg[:200]
     except ValueError:
         pass
-    return body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+    text = body[:200].decode("utf-8", "replace").strip()
+    if text.startswith("<"):  # a proxy's or CDN's HTML error page says nothing useful
+        return "(an HTML error page)"
+    return text.replace("\n", " ")

@@ -109,9 +109,9 @@ def fetch(
         raise BootlinkError(f"download of {url}: more than 5 redirects; check the URL")
     if resp.status != 200:
         body = resp.read(4096)
-        kind = resp.getheader("Content-Type", "")
         http.close()
-        detail = resp.reason if "html" in kind else error_text(body) or resp.reason
+        detail = error_text(body)
+        detail = resp.reason if not detail or detail.startswith("(") else detail
         raise BootlinkError(f"download of {url}: HTTP {resp.status} {detail}; {_fix(resp.status)}")
     length = resp.getheader("Content-Length")
     total = int(length) if length and length.isdigit() else 0
