@@ -508,14 +508,19 @@ class Planner:
         p = self.t.host(MANIFEST)
         if self.m.empty() and not self.m.dirs:
             return
-        self._mkdirs(MANIFEST)
         data = self.m.to_bytes()
         if p.is_file() and p.read_bytes() == data:
             return
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
+        self._write(Wanted(MANIFEST, "bootlink's record of its changes", data))
+
+
+def _saved(planner: Planner) -> bool:
+    """Record what was done so far (so --uninstall can undo it); whether that worked."""
+    try:
+        planner.save_manifest()
+    except OSError:
+        return False
+    return True
 
 
 def _kind_of(mode: int) -> str:
@@ -917,16 +922,18 @@ def run_setup(args) -> int:
                 action.apply()
             except OSError as exc:
                 where = f" ({exc.filename})" if exc.filename else ""
+                kept = (
+                    "recorded" if _saved(planner) else "NOT recorded (--uninstall cannot undo them)"
+                )
                 raise BootlinkError(
                     f"'{action.title}' failed: {exc.strerror or exc}{where}; the {applied} "
-                    "change(s) before it are applied and recorded: fix that and run "
+                    f"change(s) before it are applied and {kept}: fix that and run "
                     "setup-server-os again (or --uninstall to undo them)"
                 ) from None
             applied += 1
     except BaseException:
         if not args.dry_run:  # record what was done, so --uninstall can undo it
-            with contextlib.suppress(OSError):
-                planner.save_manifest()
+            _saved(planner)
         raise
     if args.dry_run:
         print("\ndry run: nothing was changed")
