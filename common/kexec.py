@@ -273,7 +273,9 @@ def attach_iso(image: BootImage, workdir: Path) -> BootImage:
     fromiso=), where the distro's initrd loop-mounts it; with it, the script the
     source gave for the distro's initramfs (extra["initrd_hook"] = path,
     ["initrd_hook_script"] = text), if any. No pmem, no memmap=: the distro's initrd
-    needs no driver it lacks (Debian's has no nd_pmem)."""
+    needs no driver it lacks (Debian's has no nd_pmem). A downloaded ISO
+    (extra["iso_disposable"]) is removed once appended: in the ramdisk's tmpfs it would
+    hold the ISO's size in RAM a second time, next to the kexec segment."""
     iso = Path(image.extra["iso"])
     inner = image.extra["initrd_iso"]
     files = [InitrdFile(inner, "ISO", src=iso, sha256=image.extra.get("iso_sha256", ""))]
@@ -281,6 +283,8 @@ def attach_iso(image: BootImage, workdir: Path) -> BootImage:
         script = image.extra.get("initrd_hook_script", "").encode()
         files.append(InitrdFile(image.extra["initrd_hook"], "hook", data=script, mode=0o644))
     image = append_to_initrd(image, workdir, files)
+    if image.extra.get("iso_disposable"):  # our download, now in the initrd: free its RAM
+        iso.unlink(missing_ok=True)
     extra = {k: v for k, v in image.extra.items() if k != "initrd_iso"}
     extra["iso_in_initrd"] = inner  # attached: prepare() must not attach it twice
     log.info("ISO %s appended to the initrd at %s", iso.name, inner)

@@ -116,6 +116,11 @@ def test_debian_live_in_ram_goes_into_the_initrd(tmp_path):
     assert "modprobe -q loop" in image.extra["initrd_hook_script"]
     assert image.extra["iso_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "memmap" not in image.extra and "memmap" not in image.cmdline
+    assert "iso_disposable" not in image.extra  # not ours to delete unless downloaded
+    fetched = iso.image_from_iso(
+        path, tmp_path / "w2", source="web", locator="u", verified_by="t", downloaded=True
+    )
+    assert fetched.extra["iso_disposable"] == "1"
 
 
 @pytest.mark.parametrize("distro", sorted(set(LAYOUTS) - {"debian-live"}))

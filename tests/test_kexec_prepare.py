@@ -162,6 +162,12 @@ def test_iso_appended_to_the_initrd_where_its_cmdline_says(tmp_path):
     assert (tmp_path / "x" / inner.lstrip("/")).read_bytes() == iso
     hook = tmp_path / "x" / "scripts/live-premount/x"
     assert hook.read_text() == "#!/bin/sh\nmodprobe loop\n"
+    assert (tmp_path / "d.iso").exists()  # the user's own file: kept
+    # bootlink's download of it: let go once it is in the initrd (RAM in the ramdisk)
+    img = dataclasses.replace(img, extra={**img.extra, "iso_disposable": "1"})
+    (tmp_path / "y").mkdir()
+    again = kexec.prepare(img, tmp_path / "y")
+    assert not (tmp_path / "d.iso").exists() and again.initrd_sha256 == out.initrd_sha256
 
 
 def test_iso_for_the_initrd_changed_after_verification_refused(tmp_path):

@@ -303,8 +303,11 @@ def image_from_iso(
     verified_by: str,
     location: IsoLocation | None = None,
     pmem_offset: int = DEFAULT_PMEM_OFFSET,
+    downloaded: bool = False,
 ) -> BootImage:
-    """Extract kernel + initrd into `workdir` and describe how to boot them."""
+    """Extract kernel + initrd into `workdir` and describe how to boot them. A
+    `downloaded` ISO is bootlink's own copy: once it is appended to the initrd, the copy
+    is let go (in the ramdisk it is RAM, and the ISO would otherwise be held twice)."""
     info = inspect(iso_path)
     make_dir(workdir)
     kernel = workdir / "vmlinuz"
@@ -321,6 +324,8 @@ def image_from_iso(
     if location is None:
         if info.distro == "debian-live":
             extra["initrd_iso"] = INITRD_ISO_PATH
+            if downloaded:
+                extra["iso_disposable"] = "1"
             extra["initrd_hook"] = LIVE_BOOT_HOOK
             extra["initrd_hook_script"] = LIVE_BOOT_HOOK_SCRIPT
         else:

@@ -362,6 +362,7 @@ def resolve_web(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
                 source="web",
                 locator=ws.url,
                 verified_by=f"sha256 {ws.sha256[:16]}... pinned in the source spec",
+                downloaded=True,
             )
         ]
     raise BootlinkError(
@@ -392,6 +393,7 @@ def resolve_iso(spec: str, cfg: Config, workdir: Path, progress: bool = True) ->
                 source="iso",
                 locator=ws.url,
                 verified_by=f"sha256 {ws.sha256[:16]}... pinned in the source spec",
+                downloaded=True,
             )
         ]
     path_text, _, frag = rest.partition("#")
