@@ -1,7 +1,7 @@
 """Swarm source: fetch a file chunk by chunk from a Bee node and verify every chunk.
 
 The Bee node is not trusted. Each chunk is requested as `GET /chunks/{address}` (128 in
-flight, pipelined on two keep-alive connections: _pipeline.py), and its address is
+flight, pipelined on 16 keep-alive connections: _pipeline.py), and its address is
 recomputed from the span and payload received (BMT/keccak256, `common/swarm.py`). A
 chunk that does not hash to the address we asked for is refused, naming the chunk and
 the node. The tree's shape is checked too (each child's span is implied by its
