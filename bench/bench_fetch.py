@@ -4,14 +4,16 @@ Starts the fake Bee and IPFS nodes (tests/fakes) as separate processes on 127.0.
 uploads one random file to each through the real upload APIs, then downloads it:
 - plain:  GET /bytes/{ref} (Bee) or GET /ipfs/{cid} (deserialised), no verification;
 - swarm stream: intermediate chunks via /chunks + data via /bytes, every chunk hashed;
-- swarm chunks: every chunk via /chunks/{addr}, 128 in flight, pipelined on 2 connections;
+- swarm chunks: every chunk via /chunks/{addr}, 128 in flight on 16 pipelined connections;
 - ipfs car: one CAR stream, every block checked; ipfs raw: one request per block.
 Prints medians of --runs runs and the ratio to the plain runs interleaved with them
-(target >= 0.5). With --link-rate (e.g. 1gbit, 10gbit) the nodes sit in a network
-namespace behind a veth shaped to that rate (tbf on their side), as a node on the LAN
-would, and the client runs in a second namespace: the same comparison over a real link.
-Files are written
-to a tmpfs (--dir, default /dev/shm), as the ramdisk downloads into tmpfs /run/bootlink,
+(target >= 0.5), and for the Swarm stream the ceiling this machine puts on that ratio:
+node and client share its CPUs, so a verified download takes at least (the plain
+download's CPU time + the BMT hashing's CPU time) / CPUs, measured in the same run.
+With --link-rate (e.g. 1gbit, 10gbit) the nodes sit in a network namespace behind a
+veth shaped to that rate (tbf on their side), as a node on the LAN would, and the client
+runs in a second namespace: the same comparison over a real link. Files are written to a
+tmpfs (--dir, default /dev/shm), as the ramdisk downloads into tmpfs /run/bootlink,
 and every download, plain too, ends with the fsync the verified fetch does before its
 rename (on a disk that fsync alone costs ~25 ms per 64 MiB here).
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import psutil
 from netlab import Host, Lab
 
 from bootlink.client.sources import ipfs as ipfs_src
@@ -95,6 +99,46 @@ def plain(url: str, path: str, out: Path) -> None:
         f.flush()
         os.fsync(f.fileno())  # as the verified fetches do before renaming into place
     http.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system, every thread, ended ones too) of this process and `pids`."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def metered(fn, pids: list[int], spent: list[float]):
+    """`fn`, appending the CPU seconds each call costs this process and `pids` to `spent`."""
+
+    def run() -> None:
+        before = cpu_seconds(pids)
+        fn()
+        spent.append(cpu_seconds(pids) - before)
+
+    return run
+
+
+def bmt_cpu_seconds(data: bytes, runs: int = 3) -> float:
+    """CPU seconds one thread takes to compute the data chunks' BMT addresses (the hashing
+    a verified Swarm stream adds to a plain download; the tree above them is ~1% more)."""
+    buf, best = bytearray(data), float("inf")
+    out = bytearray(32 * -(-len(buf) // swarm.CHUNK_SIZE))
+    for _ in range(runs):
+        start = time.thread_time()
+        swarm.leaf_addresses_into(buf, 0, len(buf), out, 0)
+        best = min(best, time.thread_time() - start)
+    return best
+
+
+def ratio_ceiling(plain_wall: float, plain_cpu: float, extra_cpu: float, cpus: int) -> float:
+    """The best verified/plain ratio `cpus` shared by node and client allow: the verified
+    download needs the plain one's CPU time plus `extra_cpu`, at best spread over all
+    CPUs, and is never faster than the plain one."""
+    return plain_wall / max(plain_wall, (plain_cpu + extra_cpu) / cpus)
 
 
 def paired(base_fn, fn, runs: int, check) -> tuple[float, float]:
@@ -163,7 +207,11 @@ def main() -> int:
                 assert out.read_bytes() == data
 
             rows = []
-            swarm_plain = lambda: plain(bee, f"/bytes/{ref.hex()}", out)  # noqa: E731
+            plain_cpu: list[float] = []
+            swarm_plain = metered(
+                lambda: plain(bee, f"/bytes/{ref.hex()}", out), [bee_p.pid], plain_cpu
+            )
+            ceiling = None
             for mode in ("stream", "chunks") if args.only != "ipfs" else ():
                 runs = args.runs if mode == "stream" else 1
                 base, t = paired(
@@ -174,6 +222,9 @@ def main() -> int:
                 )
                 if mode == "stream":
                     rows.append(("swarm plain GET /bytes", base, base))
+                    cpu, bmt = statistics.median(plain_cpu), bmt_cpu_seconds(data)
+                    cpus = os.cpu_count() or 1
+                    ceiling = (ratio_ceiling(base, cpu, bmt, cpus), base, cpu, bmt, cpus)
                 rows.append((f"swarm verified ({mode})", t, base))
             for lay, cid in cids.items():
                 ipfs_plain = lambda c=cid: plain(gw, f"/ipfs/{c}", out)  # noqa: E731
@@ -199,6 +250,15 @@ def main() -> int:
     print(f"{'download':38s} {'MB/s':>8s} {'x plain':>8s}")
     for name, t, base in rows:
         print(f"{name:38s} {size / t / 1e6:8.1f} {base / t:8.2f}")
+    if ceiling:
+        best, base, cpu, bmt, cpus = ceiling
+        print(
+            f"ceiling for swarm verified (stream) here: {best:.2f} x plain. The plain download "
+            f"costs {cpu * 1e3:.0f} ms of CPU (node + client) in {base * 1e3:.0f} ms; "
+            f"hashing the chunks adds {bmt * 1e3:.0f} ms ({swarm.backend()}, one core); "
+            f"the same {cpus} CPUs run both ends, so verified takes at least "
+            f"({cpu * 1e3:.0f} + {bmt * 1e3:.0f}) / {cpus} ms"
+        )
     return 0
 
 
